@@ -1,0 +1,186 @@
+"""The `mmla` command. Each subcommand is a thin layer over one module; heavy imports (torch,
+transformers) happen inside the handlers so that `mmla prompts` and `mmla evaluate` start fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return n
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def cmd_prompts(a) -> int:
+    from .data import data_root, load_split
+    from .prompts import render, target
+
+    sd = load_split(data_root(a.data), a.dataset, a.split, skip_bad_rows=a.skip_bad_rows)
+    out = sys.stdout
+    for e in sd.examples[: a.limit] if a.limit else sd.examples:
+        obj = {"dataset": e.dataset, "split": e.split, "id": e.id, "text": e.text, "label": e.label,
+               "prompt": render(e.dataset, a.family, e.text, a.split, a.modality),
+               "target": target(e.dataset, a.family, e.label, a.split, a.modality)}
+        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluation import evaluate_records, format_table
+    path = Path(a.predictions)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    try:
+        result = evaluate_records(records)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    print(json.dumps(result, indent=2) if a.json else format_table(result))
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+
+
+def cmd_predict(a) -> int:
+    from .evaluation import format_table
+    from .inference import PredictConfig, predict
+
+    cfg = PredictConfig(
+        model=a.model, adapter=a.adapter, data=a.data, datasets=[a.datasets], split=a.split, mode=a.mode,
+        protocol=a.protocol, family=a.family, limit=a.limit, batch_size=a.batch_size,
+        max_new_tokens=a.max_new_tokens, seed=a.seed, dtype=a.dtype, device=a.device, threads=a.threads,
+        skip_bad_rows=a.skip_bad_rows, trust_remote_code=a.trust_remote_code, setting=a.setting,
+        paper_model=a.paper_model, name=a.name, out=a.out,
+    )
+    result = predict(cfg, progress=not a.no_progress)
+    print(format_table(result, _paper_reference(a.paper_model, a.setting)))
+    print(f"run directory: {a.out}")
+    return 0
+
+
+def _paper_reference(model: str | None, setting: str) -> dict | None:
+    if not model:
+        return None
+    from . import paper
+
+    ref = paper.acc_by_dataset(model, setting)
+    if not ref:
+        raise ValueError(f"the paper reports no {setting} numbers for '{model}'")
+    return ref
+
+
+# ---------------------------------------------------------------- download
+
+
+def cmd_download(a) -> int:
+    from .data import download
+
+    path = download(a.to)
+    print(f"downloaded to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .prompts import PROTOCOLS
+    from .tasks import FAMILIES, SPLITS
+
+    p = _Parser(prog="mmla", description="MMLA benchmark: prompts, inference, evaluation, reports.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def data_args(sp):
+        sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
+        sp.add_argument("--skip-bad-rows", action="store_true", help="warn about and skip malformed rows")
+
+    sp = sub.add_parser("prompts", help="print the prompts of one split as JSONL")
+    data_args(sp)
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--split", default="test", choices=SPLITS)
+    sp.add_argument("--family", default="clean", choices=FAMILIES)
+    sp.add_argument("--modality", default="text", choices=("text", "video"))
+    sp.add_argument("--limit", type=_positive_int)
+    sp.set_defaults(func=cmd_prompts)
+
+    sp = sub.add_parser("evaluate", help="official parser + metrics over a predictions JSONL")
+    sp.add_argument("predictions")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("predict", help="zero-shot (or adapter) inference, then evaluation")
+    data_args(sp)
+    sp.add_argument("--model", default="smollm2-135m", help="HF id, local path or alias (smollm2-135m)")
+    sp.add_argument("--adapter", help="a peft adapter directory")
+    sp.add_argument("--datasets", default="all", help="all | video | comma-separated names")
+    sp.add_argument("--split", default="test", choices=SPLITS)
+    sp.add_argument("--mode", default="generate", choices=("generate", "score"))
+    sp.add_argument("--protocol", default="official", choices=PROTOCOLS)
+    sp.add_argument("--family", choices=FAMILIES, help="prompt family (default: infer_script if official, else clean)")
+    sp.add_argument("--limit", type=_positive_int, help="first N rows of each dataset")
+    sp.add_argument("--batch-size", type=_positive_int, default=16)
+    sp.add_argument("--max-new-tokens", type=_positive_int)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    sp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sp.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    sp.add_argument("--setting", default="zero-shot", choices=("zero-shot", "sft", "it"))
+    sp.add_argument("--paper-model", help="show the paper's numbers for this model (e.g. Qwen2-1.5B)")
+    sp.add_argument("--name", help="a short label for reports")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("download", help="fetch the release from the Hugging Face hub")
+    sp.add_argument("--to", default="data/mmla")
+    sp.set_defaults(func=cmd_download)
+
+    try:
+        from . import report
+    except ImportError:
+        report = None
+    if report is not None and hasattr(report, "add_cli"):
+        report.add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mmla: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmla: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The official answer parser and metrics (official `eval.py`), plus strict figures and averages.
+
+Pure functions: parse an output into a label, compute the six paper metrics for one dataset, and
+average datasets weighted by sample count (the paper's leaderboard averaging).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from .data import normalize_label
+from .tasks import get_task
+
+UNKNOWN, MULTI = "unknown", "multi"
+METRICS = ("ACC", "F1", "Precision", "Recall", "WF1", "WP")
+
+
+@lru_cache(maxsize=None)
+def _patterns(labels: tuple[str, ...]) -> tuple[tuple[str, re.Pattern], ...]:
+    return tuple((l, re.compile(r"(?<!\w)" + re.escape(l.lower()) + r"(?!\w)")) for l in labels)
+
+
+def parse_output(output: str, labels: tuple[str, ...] | list[str]) -> str:
+    """Lower-case the output, look for each label as a whole word: one label found -> that label,
+    none -> 'unknown', two or more distinct labels -> 'multi'."""
+    text = (output or "").lower()
+    found = [l.lower() for l, pat in _patterns(tuple(labels)) if pat.search(text)]
+    if not found:
+        return UNKNOWN
+    return found[0] if len(found) == 1 else MULTI
+
+
+def _r(x: float) -> float:
+    return round(100 * float(x), 2)
+
+
+def compute_metrics(gold: list[str], pred: list[str], labels: tuple[str, ...] | None = None) -> dict:
+    """ACC, macro F1/Precision/Recall, weighted F1/Precision (x100, 2 decimals) as scikit-learn computes
+    them over gold and parsed labels with unknown/multi kept as classes; the unparsed rate; n; and
+    `strict` metrics whose macro/weighted averages run over the gold label set only."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    if len(gold) != len(pred):
+        raise ValueError(f"gold and pred differ in length: {len(gold)} vs {len(pred)}")
+    if not gold:
+        raise ValueError("no samples to evaluate")
+
+    def six(**kw) -> dict:
+        return {
+            "ACC": _r(accuracy_score(gold, pred)),
+            "F1": _r(f1_score(gold, pred, average="macro", zero_division=0, **kw)),
+            "Precision": _r(precision_score(gold, pred, average="macro", zero_division=0, **kw)),
+            "Recall": _r(recall_score(gold, pred, average="macro", zero_division=0, **kw)),
+            "WF1": _r(f1_score(gold, pred, average="weighted", zero_division=0, **kw)),
+            "WP": _r(precision_score(gold, pred, average="weighted", zero_division=0, **kw)),
+        }
+
+    out = six()
+    out["unparsed"] = _r(sum(p in (UNKNOWN, MULTI) for p in pred) / len(pred))
+    out["n"] = len(gold)
+    strict_labels = list(labels) if labels else sorted(set(gold))
+    out["strict"] = six(labels=strict_labels)
+    return out
+
+
+def weighted_average(per_dataset: dict[str, dict]) -> dict:
+    """Average of each metric over datasets weighted by their sample count n (pooled accuracy)."""
+    total = sum(m["n"] for m in per_dataset.values())
+    if not total:
+        return {}
+    avg = {k: round(sum(m[k] * m["n"] for m in per_dataset.values()) / total, 2) for k in (*METRICS, "unparsed")}
+    avg["n"] = total
+    return avg
+
+
+def evaluate_records(records: list[dict]) -> dict:
+    """records: dicts with at least dataset, label (gold) and output (raw model text); the output is
+    always parsed here, so any stored `pred` is ignored. Returns {"per_dataset": ..., "average": ...}."""
+    by_ds: dict[str, tuple[list, list]] = {}
+    for i, r in enumerate(records, 1):
+        for key in ("dataset", "label"):
+            if key not in r:
+                raise ValueError(f"record {i}: missing field '{key}'")
+        task = get_task(r["dataset"])
+        if "output" not in r:
+            raise ValueError(f"record {i}: missing field 'output'")
+        pred = parse_output(r["output"], task.labels)
+        g, p = by_ds.setdefault(task.name, ([], []))
+        g.append(normalize_label(r["label"], task.task))
+        p.append(pred)
+    per = {ds: compute_metrics(g, p, get_task(ds).labels) for ds, (g, p) in by_ds.items()}
+    return {"per_dataset": per, "average": weighted_average(per)}
+
+
+def format_table(result: dict, reference: dict[str, float] | None = None) -> str:
+    """A readable fixed-width table; `reference` adds a column of paper ACC per dataset."""
+    cols = (*METRICS, "unparsed", "n")
+    head = f"{'dataset':<18}" + "".join(f"{c:>10}" for c in cols) + (f"{'paper ACC':>11}" if reference else "")
+    lines = [head, "-" * len(head)]
+    rows = list(result["per_dataset"].items()) + [("average (n-weighted)", result["average"])]
+    for ds, m in rows:
+        cells = "".join(f"{m[c]:>10}" for c in cols)
+        ref = ""
+        if reference is not None:
+            v = reference.get(ds)
+            ref = f"{v:>11.2f}" if v is not None else f"{'-':>11}"
+        lines.append(f"{ds:<18}{cells}{ref}")
+    return "\n".join(lines)
