@@ -89,7 +89,7 @@ def _paper_reference(model: str | None, setting: str) -> dict | None:
         return None
     from . import paper
 
-    ref = paper.acc_by_dataset(model, setting)
+    ref = paper.paper_accuracies(model, setting)
     if not ref:
         raise ValueError(f"the paper reports no {setting} numbers for '{model}'")
     return ref

@@ -96,7 +96,7 @@ def evaluate_records(records: list[dict]) -> dict:
 def format_table(result: dict, reference: dict[str, float] | None = None) -> str:
     """A readable fixed-width table; `reference` adds a column of paper ACC per dataset."""
     cols = (*METRICS, "unparsed", "n")
-    head = f"{'dataset':<18}" + "".join(f"{c:>10}" for c in cols) + (f"{'paper ACC':>11}" if reference else "")
+    head = f"{'dataset':<22}" + "".join(f"{c:>10}" for c in cols) + (f"{'paper ACC':>11}" if reference else "")
     lines = [head, "-" * len(head)]
     rows = list(result["per_dataset"].items()) + [("average (n-weighted)", result["average"])]
     for ds, m in rows:
@@ -105,5 +105,5 @@ def format_table(result: dict, reference: dict[str, float] | None = None) -> str
         if reference is not None:
             v = reference.get(ds)
             ref = f"{v:>11.2f}" if v is not None else f"{'-':>11}"
-        lines.append(f"{ds:<18}{cells}{ref}")
+        lines.append(f"{ds:<22}{cells}{ref}")
     return "\n".join(lines)

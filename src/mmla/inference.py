@@ -11,6 +11,7 @@ Rerunning into the same run directory skips the samples already there.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def predict(cfg: PredictConfig, *, progress: bool = True) -> dict:
     done, torn = read_jsonl(pred_path)
     done_keys = {(r["dataset"], r["split"], r["id"]) for r in done}
     todo = [e for e in examples if (e.dataset, e.split, e.id) not in done_keys]
+    if done_keys:
+        n_done = len(examples) - len(todo)
+        print(f"resuming: {n_done} of {len(examples)} done, {len(todo)} to go ({pred_path})", file=sys.stderr)
 
     import torch
 
@@ -172,8 +176,8 @@ def _run(cfg, model, tok, decoding, todo, sink: JsonlAppender, progress: bool) -
         else:
             cands = [prompts.candidates(e.dataset, cfg.family, cfg.split, cfg.modality) for e in todo]
 
-            def scored(i: int, best: int, scores) -> None:
-                record(i, cands[i][best])
+            def scored(i: int, s) -> None:
+                record(i, cands[i][s.best])  # the chosen answer string, e.g. "emotion: joy"
 
             engine.score(model, tok, inputs, cands, batch_size=cfg.batch_size, on_result=scored)
     finally:

@@ -1,0 +1,81 @@
+"""The `mmla predict` recipe end to end: real multi-process kill/resume, the embedded model, run records."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from mmla.inference import PredictConfig, predict
+
+DATASETS = "MELD,MOSI,MUStARD"
+
+
+def _predict_cmd(model, data_root, out, limit=10, batch=2, extra=()):
+    return [sys.executable, "-m", "mmla.cli", "predict", "--model", str(model), "--data", str(data_root),
+            "--datasets", DATASETS, "--limit", str(limit), "--batch-size", str(batch), "--max-new-tokens", "8",
+            "--threads", "1", "--no-progress", "--out", str(out), *extra]
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_sigkill_halfway_then_resume(tmp_path, tiny_llama, data_root):
+    total = 30  # 3 datasets x 10 rows
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_predict_cmd(tiny_llama, data_root, killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    preds = killed / "predictions.jsonl"
+    deadline = time.time() + 300
+    while len(_lines(preds)) < total // 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = _lines(preds)
+    assert total // 2 <= len(first) < total
+    assert not (killed / "metrics.json").exists()
+
+    r = subprocess.run(_predict_cmd(tiny_llama, data_root, killed), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    done_before = len([l for l in first if l.endswith("}")])
+    assert f"resuming: {done_before} of {total} done" in r.stderr
+    final = _lines(preds)
+    assert final[:done_before] == first[:done_before]  # finished work is kept, not redone
+    keys = [(j["dataset"], j["id"]) for j in map(json.loads, final)]
+    assert len(keys) == len(set(keys)) == total
+
+    clean = tmp_path / "clean"
+    r = subprocess.run(_predict_cmd(tiny_llama, data_root, clean), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads((clean / "metrics.json").read_text())
+    by_key = lambda p: {(j["dataset"], j["id"]): j["output"] for j in map(json.loads, _lines(p))}
+    assert by_key(preds) == by_key(clean / "predictions.jsonl")
+
+
+def test_run_directory_record(tmp_path, tiny_llama, data_root):
+    out = tmp_path / "run"
+    res = predict(PredictConfig(model=str(tiny_llama), data=str(data_root), datasets=["MOSI"], limit=4,
+                                max_new_tokens=4, out=str(out)), progress=False)
+    for f in ("config.yaml", "env.json", "predictions.jsonl", "metrics.json"):
+        assert (out / f).is_file(), f
+    env = json.loads((out / "env.json").read_text())
+    assert env["packages"]["torch"] and env["packages"]["transformers"] and "git_revision" in env
+    rec = json.loads(_lines(out / "predictions.jsonl")[0])
+    assert set(rec) >= {"dataset", "split", "id", "text", "label", "prompt", "output", "pred"}
+    assert res["per_dataset"]["MOSI"]["n"] == 4
+    # a different config refuses to resume into the same directory
+    import pytest
+
+    with pytest.raises(ValueError, match="made with mode="):
+        predict(PredictConfig(model=str(tiny_llama), data=str(data_root), datasets=["MOSI"], limit=4,
+                              max_new_tokens=4, mode="score", out=str(out)), progress=False)
+
+
+def test_embedded_model_score_mode_never_unparsed(tmp_path, data_root):
+    res = predict(PredictConfig(model="smollm2-135m", data=str(data_root), datasets=["MELD", "MELD-DA", "MOSI"],
+                                limit=4, mode="score", protocol="clean", out=str(tmp_path / "s")), progress=False)
+    assert all(m["unparsed"] == 0.0 for m in res["per_dataset"].values())
+    assert res["average"]["n"] == 12
