@@ -91,3 +91,26 @@ def test_report_renders_in_chromium(browser, tmp_path):
 
     shot = _save_screenshot(browser, tmp_path)
     assert shot.stat().st_size > 10_000
+
+
+def test_report_of_a_real_run_in_chromium(browser, tmp_path, data_root):
+    """A real `mmla predict` run with the embedded model (score mode, a few rows of 4 datasets)."""
+    from mmla.inference import PredictConfig, predict
+
+    run = tmp_path / "smollm2"
+    datasets = ["MELD", "MOSI", "MUStARD", "AnnoMi-client"]
+    predict(PredictConfig(model="smollm2-135m", data=str(data_root), datasets=datasets, limit=6, mode="score",
+                          paper_model="Qwen2-1.5B", out=str(run)), progress=False)
+    html = build_report([run], tmp_path / "report")
+
+    browser.get(html.resolve().as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+    ours = json.loads((run / "metrics.json").read_text())["per_dataset"]
+    for ds in datasets:
+        row = browser.find_element("xpath", f"//section[contains(@class,'run')]//tr[td[1]='{ds}']")
+        assert f"{ours[ds]['ACC']:.2f}" in row.text
+    images = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
+    assert len(images) == 2 + len(datasets)  # ACC vs paper, dimensions, one confusion matrix per dataset
+    assert all(complete and width > 0 for _, complete, width in images), images
+    _save_screenshot(browser, tmp_path)

@@ -96,7 +96,8 @@ def run_label(config: dict, run_dir: Path) -> str:
     """config's `name`, else "<model> <setting>", else the directory name."""
     if config.get("name"):
         return str(config["name"])
-    model = config.get("paper_model") or Path(str(config.get("model") or "")).name
+    # the model that ran, not the paper model it is compared with
+    model = Path(str(config.get("model") or "")).name or config.get("paper_model")
     parts = [p for p in (model, config.get("setting")) if p]
     return " ".join(parts) if parts else run_dir.name
 
