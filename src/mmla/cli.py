@@ -76,10 +76,13 @@ def cmd_predict(a) -> int:
         protocol=a.protocol, family=a.family, limit=a.limit, batch_size=a.batch_size,
         max_new_tokens=a.max_new_tokens, seed=a.seed, dtype=a.dtype, device=a.device, threads=a.threads,
         skip_bad_rows=a.skip_bad_rows, trust_remote_code=a.trust_remote_code, setting=a.setting,
-        paper_model=a.paper_model, name=a.name, out=a.out,
+        paper_model=a.paper_model, name=a.name, out=a.out, modality=a.modality, frames=a.frames,
+        num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels, no_frame_cache=a.no_frame_cache,
     )
     result = predict(cfg, progress=not a.no_progress)
     print(format_table(result, _paper_reference(a.paper_model, a.setting)))
+    if result.get("missing_clips"):
+        print(f"missing or unreadable clips: {result['missing_clips']} (recorded per sample as clip_error)")
     print(f"run directory: {a.out}")
     return 0
 
@@ -153,18 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="a short label for reports")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    sp.add_argument("--modality", default="text", choices=("text", "video"),
+                    help="video: a Qwen2-VL / Qwen2.5-VL model on the clips (datasets: the 9 with videos)")
+    from .video import frame_args
+
+    frame_args(sp)
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("download", help="fetch the release from the Hugging Face hub")
     sp.add_argument("--to", default="data/mmla")
     sp.set_defaults(func=cmd_download)
 
+    from . import mllm, report, video
+
+    report.add_cli(sub)  # report
+    video.add_cli(sub)  # check-data
+    mllm.add_cli(sub)  # train-video, video-run
     try:
-        from . import report
+        from . import experiment, export, training
     except ImportError:
-        report = None
-    if report is not None and hasattr(report, "add_cli"):
-        report.add_cli(sub)
+        return p
+    for mod in (training, experiment, export):
+        if hasattr(mod, "add_cli"):
+            mod.add_cli(sub)
     return p
 
 

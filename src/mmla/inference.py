@@ -35,6 +35,11 @@ class PredictConfig:
     protocol: str = "official"
     family: str | None = None  # default: infer_script under the official protocol, clean otherwise
     modality: str = "text"
+    frames: str = "official-infer"  # video: frame setting (mmla.video.SETTINGS)
+    num_frames: int | None = None  # video: overrides of the frame setting
+    fps: float | None = None
+    max_pixels: int | None = None
+    no_frame_cache: bool = False  # video: decode every clip again
     limit: int | None = None  # first N rows of each dataset
     batch_size: int = 16
     max_new_tokens: int | None = None  # default: the protocol's
@@ -100,6 +105,10 @@ def _open_run_dir(cfg: PredictConfig) -> Path:
 
 
 def predict(cfg: PredictConfig, *, progress: bool = True) -> dict:
+    if cfg.modality == "video":  # video + text models: same run directory, plus clips and frames (mmla.mllm)
+        from .mllm import predict_video
+
+        return predict_video(cfg, progress=progress)
     # ---- setup
     cfg = resolve(cfg)
     examples, skipped = load_examples(cfg)

@@ -1,0 +1,541 @@
+"""Video clips: where they are, which frames a model sees, decoding with a disk cache, and `mmla check-data`.
+
+Clips. The release stores `<root>/<DATASET>/video/<DATASET>_<id>.mp4`, with a few names spelt differently
+(../shared/data/PROVENANCE.md): `MUSTARD_` / `MUStARD_`, MELD-DA and IEMOCAP-DA clips named `MELD_` /
+`IEMOCAP_` or `MELD-DA_` / `IEMOCAP-DA_`, Ch-sims ids `csbgs2_*` in the TSVs but `csbdgs2_*` on disk.
+`ClipFinder` tries the canonical name, then these variants, then a case-insensitive match in the folder.
+A clip that cannot be found or decoded is a per-sample `ClipError` with its reason; runs record it and go on.
+Every path goes through `data.safe_path`, so an id can never point outside the data root.
+
+Frames. A `FrameSetting` says which frames and at what size; two are named after the official code
+(../shared/paper/hyperparams.md sections 2.3 and 2.5):
+  official-infer  4 frames at np.linspace(0, total-1, 4), each resized (PIL bicubic) to the Qwen2-VL
+                  smart_resize of max_pixels 360*420 = 151,200 (multiples of 28), fps 1: the zero-shot
+                  `infer.py` (also used for the test inference after SFT and IT).
+  official-train  2 fps (floor(duration * 2)), capped by 64 and the clip's frame count, clamped to 4..50
+                  frames, rounded down to an even count (Qwen2-VL), each frame resized so max(H, W) <= 128
+                  and then to multiples of 28: the LLaMA-Factory fine-tuning.
+Both take overrides (num_frames, fps, max_pixels); the resolved setting is recorded with every run.
+Decoding uses PyAV through `transformers.video_utils.load_video` with our sample_indices_fn. The resized
+uint8 frames are cached on disk ($MMLA_FRAME_CACHE, else $MMLA_CACHE/frames, else ~/.cache/mmla/frames)
+under a key of clip path + size + mtime + setting, so a second run (or a second model) never decodes again.
+
+Known difference from the official inference: it wrote the 4 frames to JPEG files and read them back, so
+its pixels carry JPEG artefacts; here the decoded frames are used directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import data as data_mod
+from .tasks import SPLITS, VIDEO_DATASETS, get_task
+
+# ---------------------------------------------------------------- frame settings
+
+
+@dataclass(frozen=True)
+class FrameSetting:
+    """Which frames of a clip the model sees, and at what size. Recorded in every run."""
+
+    name: str
+    num_frames: int | None = 4  # fixed count, np.linspace(0, total-1, n); None: sample at `fps`
+    fps: float = 1.0  # sampling rate when num_frames is None; always the fps the model is told (Qwen2.5-VL time)
+    min_frames: int = 4  # fps sampling: at least this many (when the clip has them)
+    max_frames: int = 50  # fps sampling: at most this many
+    max_len: int = 64  # fps sampling: LLaMA-Factory's video_maxlen cap
+    even: bool = False  # fps sampling: round the count down to an even number (Qwen2-VL in LLaMA-Factory)
+    max_side: int | None = None  # first resize so that max(H, W) <= max_side (LLaMA-Factory video_resolution)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 360 * 420
+    factor: int = 28  # patch size x spatial merge: frame sides are multiples of it
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def decode_key(self) -> dict:
+        """What determines the cached pixels (the name does not)."""
+        d = self.record()
+        d.pop("name")
+        return d
+
+
+SETTINGS: dict[str, FrameSetting] = {
+    "official-infer": FrameSetting("official-infer", num_frames=4, fps=1.0, max_pixels=360 * 420),
+    # Qwen2-VL-7B-Instruct's processor bounds (min 56*56, max 12,845,056 px) around LLaMA-Factory's 128 px frames.
+    "official-train": FrameSetting("official-train", num_frames=None, fps=2.0, min_frames=4, max_frames=50,
+                                   max_len=64, even=True, max_side=128, max_pixels=12845056),
+}
+
+
+def frame_setting(name: str | FrameSetting = "official-infer", *, num_frames: int | None = None,
+                  fps: float | None = None, max_pixels: int | None = None, factor: int | None = None) -> FrameSetting:
+    """A named setting with overrides. `fps` alone switches to fps sampling; `num_frames` to a fixed count."""
+    if isinstance(name, FrameSetting):
+        s = name
+    elif name in SETTINGS:
+        s = SETTINGS[name]
+    else:
+        raise ValueError(f"unknown frame setting '{name}' (known: {', '.join(SETTINGS)})")
+    changes: dict = {}
+    if num_frames is not None:
+        if int(num_frames) < 1:
+            raise ValueError(f"--num-frames must be a positive integer, got {num_frames}")
+        changes["num_frames"] = int(num_frames)
+    if fps is not None:
+        if float(fps) <= 0:
+            raise ValueError(f"--fps must be positive, got {fps}")
+        changes["fps"] = float(fps)
+        if num_frames is None:
+            changes["num_frames"] = None
+    if max_pixels is not None:
+        if int(max_pixels) < 1:
+            raise ValueError(f"--max-pixels must be a positive integer, got {max_pixels}")
+        changes["max_pixels"] = int(max_pixels)
+    if factor is not None:
+        changes["factor"] = int(factor)
+    if changes:
+        s = dataclasses.replace(s, **changes)
+        if s.min_pixels > s.max_pixels:
+            s = dataclasses.replace(s, min_pixels=s.max_pixels)
+    return s
+
+
+def sample_indices(setting: FrameSetting, total: int, duration: float | None) -> np.ndarray:
+    """Frame indices to decode, in order (may repeat when the clip has fewer frames than asked)."""
+    if total < 1:
+        raise ClipError("the clip reports no video frames")
+    if setting.num_frames is not None:
+        n = setting.num_frames
+    else:
+        n = math.floor((duration or 0.0) * setting.fps)
+        n = min(n, setting.max_len, total)
+        n = max(n, min(setting.min_frames, total))
+        n = min(n, setting.max_frames)
+        if setting.even and n > 1:
+            n -= n % 2
+        n = max(n, 1)
+    return np.linspace(0, total - 1, n).astype(int)
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of `factor`, area within [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ClipError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC))
+                     for f in frames])
+
+
+def resize_frames(frames: np.ndarray, setting: FrameSetting) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> the setting's size (sides multiples of `factor`), PIL bicubic as the official code."""
+    _, h, w, _ = frames.shape
+    if setting.max_side and max(h, w) > setting.max_side:
+        scale = setting.max_side / max(h, w)
+        h, w = max(1, int(h * scale)), max(1, int(w * scale))
+        frames = _resize(frames, h, w)
+    th, tw = smart_resize(h, w, setting.factor, setting.min_pixels, setting.max_pixels)
+    if (th, tw) != (h, w):
+        frames = _resize(frames, th, tw)
+    return np.ascontiguousarray(frames)
+
+
+# ---------------------------------------------------------------- decoding + cache
+
+
+class ClipError(Exception):
+    """A clip that cannot be used; the message is the reason recorded with the sample."""
+
+
+@dataclass
+class Frames:
+    array: np.ndarray  # (T, H, W, 3) uint8, already at the setting's size
+    indices: list[int]  # frame index of each row
+    total_frames: int
+    video_fps: float
+    duration: float
+    cached: bool = False  # read from the disk cache
+
+
+def cache_dir() -> Path:
+    """$MMLA_FRAME_CACHE, else $MMLA_CACHE/frames, else ~/.cache/mmla/frames."""
+    if os.environ.get("MMLA_FRAME_CACHE"):
+        return Path(os.environ["MMLA_FRAME_CACHE"]).expanduser()
+    base = os.environ.get("MMLA_CACHE") or str(Path.home() / ".cache" / "mmla")
+    return Path(base).expanduser() / "frames"
+
+
+class FrameCache:
+    """Decoded, resized frames as .npz files keyed by clip path + size + mtime + frame setting."""
+
+    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
+        self.root = Path(root) if root is not None else cache_dir()
+        self.enabled = enabled
+        self.hits = self.misses = 0
+
+    def path_for(self, clip: Path, setting: FrameSetting) -> Path:
+        st = os.stat(clip)
+        raw = json.dumps([str(Path(clip).resolve()), st.st_size, st.st_mtime_ns, setting.decode_key()], sort_keys=True)
+        h = hashlib.sha256(raw.encode()).hexdigest()
+        return self.root / h[:2] / f"{h}.npz"
+
+    def get(self, clip: Path, setting: FrameSetting) -> Frames | None:
+        if not self.enabled:
+            return None
+        p = self.path_for(clip, setting)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                return Frames(z["frames"], meta["indices"], meta["total_frames"], meta["video_fps"],
+                              meta["duration"], cached=True)
+        except Exception:  # a torn or foreign file: decode again and overwrite it
+            return None
+
+    def put(self, clip: Path, setting: FrameSetting, fr: Frames) -> None:
+        if not self.enabled:
+            return
+        p = self.path_for(clip, setting)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"indices": [int(i) for i in fr.indices], "total_frames": fr.total_frames,
+                           "video_fps": fr.video_fps, "duration": fr.duration, "clip": str(clip)})
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, frames=fr.array, meta=np.array(meta))
+        os.replace(tmp, p)
+
+
+def decode_frames(path: str | os.PathLike, setting: FrameSetting) -> Frames:
+    """Decode the setting's frames of one clip with PyAV (transformers' load_video) and resize them."""
+    from transformers.video_utils import load_video
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipError(f"missing: {path}")
+    asked: dict = {}
+
+    def pick(metadata, **_):
+        dur = metadata.duration or (metadata.total_num_frames / metadata.fps if metadata.fps else 0.0)
+        idx = sample_indices(setting, int(metadata.total_num_frames or 0), dur)
+        asked["indices"] = idx
+        asked["meta"] = (int(metadata.total_num_frames or 0), float(metadata.fps or 0.0), float(dur or 0.0))
+        return np.unique(idx)  # the decoder keeps each frame once; repeats are restored below
+
+    try:
+        video, _ = load_video(str(path), backend="pyav", sample_indices_fn=pick)
+    except ClipError:
+        raise
+    except Exception as e:  # corrupt container, unsupported codec, truncated stream, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ClipError(f"unreadable: {type(e).__name__}: {msg}"[:300]) from None
+    video = np.asarray(video)
+    idx = asked["indices"]
+    uniq = np.unique(idx)
+    if video.ndim != 4 or len(video) == 0:
+        raise ClipError("unreadable: no frame could be decoded")
+    if len(video) < len(uniq):  # the container overstated its frame count: repeat the last decoded frame
+        video = np.concatenate([video, np.repeat(video[-1:], len(uniq) - len(video), axis=0)])
+    video = video[np.searchsorted(uniq, idx)]
+    total, vfps, dur = asked["meta"]
+    return Frames(resize_frames(video, setting), [int(i) for i in idx], total, vfps, dur)
+
+
+def load_frames(path: str | os.PathLike, setting: FrameSetting, cache: FrameCache | None = None) -> Frames:
+    """Frames from the cache, else decoded (and cached). Raises ClipError with the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipError(f"missing: {path}")
+    if cache is not None:
+        hit = cache.get(path, setting)
+        if hit is not None:
+            cache.hits += 1
+            return hit
+    fr = decode_frames(path, setting)
+    if cache is not None:
+        cache.misses += 1
+        try:
+            cache.put(path, setting, fr)
+        except OSError as e:  # a full or read-only cache never stops a run
+            print(f"warning: frame cache not written ({e})", file=sys.stderr)
+    return fr
+
+
+def probe_clip(path: str | os.PathLike) -> str | None:
+    """None if the clip opens, has a video stream and its first frame decodes; else the reason."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                return "unreadable: no video stream"
+            for _ in c.decode(video=0):
+                return None
+        return "unreadable: no frame could be decoded"
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"unreadable: {type(e).__name__}: {msg}"[:300]
+
+
+# ---------------------------------------------------------------- finding clips
+
+# File-name prefixes tried after the dataset's own name (PROVENANCE.md section 5).
+PREFIX_VARIANTS = {
+    "MUStARD": ("MUSTARD",),
+    "MELD-DA": ("MELD",),
+    "IEMOCAP-DA": ("IEMOCAP",),
+    "MELD": ("MELD-DA",),
+    "IEMOCAP": ("IEMOCAP-DA",),
+}
+# id spellings: (written in the TSV, written on disk), tried both ways.
+ID_VARIANTS = {"Ch-sims": (("csbgs2_", "csbdgs2_"),)}
+VIDEO_DIR = "video"
+VIDEO_EXT = ".mp4"
+
+
+def clip_names(dataset: str, id_: str) -> list[str]:
+    """File names to try for one clip, canonical first."""
+    task = get_task(dataset)
+    ids = [id_]
+    for a, b in ID_VARIANTS.get(task.name, ()):
+        for x, y in ((a, b), (b, a)):
+            if id_.startswith(x):
+                ids.append(y + id_[len(x):])
+    names = []
+    for prefix in (task.name, *PREFIX_VARIANTS.get(task.name, ())):
+        for i in ids:
+            n = f"{prefix}_{i}{VIDEO_EXT}"
+            if n not in names:
+                names.append(n)
+    return names
+
+
+@dataclass
+class Clip:
+    dataset: str
+    id: str
+    path: Path | None
+    error: str | None = None  # why there is no usable clip
+    variant: bool = False  # found under another spelling than <DATASET>_<id>.mp4
+
+    def record(self, root: Path) -> str | None:
+        """The clip path relative to the data root (for predictions.jsonl)."""
+        if self.path is None:
+            return None
+        try:
+            return str(self.path.relative_to(Path(root).resolve()))
+        except ValueError:
+            return str(self.path)
+
+
+class ClipFinder:
+    """Resolves (dataset, id) to a clip path under one data root, tolerant of the release's spellings."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._listing: dict[str, dict[str, str] | None] = {}
+
+    def video_dir(self, dataset: str) -> Path:
+        return data_mod.safe_path(self.root, get_task(dataset).name, VIDEO_DIR)
+
+    def _lower_listing(self, dataset: str) -> dict[str, str] | None:
+        if dataset not in self._listing:
+            d = self.video_dir(dataset)
+            try:
+                self._listing[dataset] = {n.lower(): n for n in os.listdir(d)}
+            except OSError:
+                self._listing[dataset] = None
+        return self._listing[dataset]
+
+    def find(self, dataset: str, id_: str) -> Clip:
+        task = get_task(dataset)
+        names = clip_names(task.name, id_)
+        try:
+            for k, name in enumerate(names):
+                p = data_mod.safe_path(self.root, task.name, VIDEO_DIR, name)
+                if p.is_file():
+                    return Clip(task.name, id_, p, variant=k > 0)
+            listing = self._lower_listing(task.name)
+            if listing is None:
+                return Clip(task.name, id_, None, f"missing: no folder {self.video_dir(task.name)}")
+            for name in names:
+                real = listing.get(name.lower())
+                if real is not None:
+                    p = data_mod.safe_path(self.root, task.name, VIDEO_DIR, real)
+                    if p.is_file():
+                        return Clip(task.name, id_, p, variant=True)
+        except data_mod.DataError as e:
+            return Clip(task.name, id_, None, f"refused: {e}")
+        return Clip(task.name, id_, None, f"missing: none of {', '.join(names)} in {self.video_dir(task.name)}")
+
+
+# ---------------------------------------------------------------- check-data
+
+
+CHECKS = ("exists", "probe", "full")
+
+
+def check_data(root: str | os.PathLike, datasets: list[str] | None = None, splits: list[str] | None = None,
+               check: str = "probe", setting: FrameSetting | None = None, cache: FrameCache | None = None) -> dict:
+    """Every clip the TSVs of `datasets` refer to: is it there, and does it decode?
+
+    check: "exists" (the file only), "probe" (it opens and its first frame decodes) or "full" (the frames of
+    `setting` decode, which reads the clip to its last sampled frame and fills the frame cache).
+
+    Returns {"root", "datasets": {DS: {"ids", "found", "variant_spelling", "missing": [...], "unreadable": [...],
+    "splits"}}, "problems"}; missing/unreadable entries are {"id", "split", "reason"}."""
+    root = Path(root)
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {', '.join(CHECKS)}, got '{check}'")
+    if not root.is_dir():
+        raise ValueError(f"{root}: data root not found (set --data or $MMLA_DATA)")
+    names = datasets or list(VIDEO_DATASETS)
+    finder = ClipFinder(root)
+    out = {"root": str(root), "datasets": {}, "problems": 0}
+    for ds in names:
+        task = get_task(ds)
+        entry = {"ids": 0, "found": 0, "variant_spelling": 0, "missing": [], "unreadable": [], "splits": []}
+        if not task.has_video:
+            entry["note"] = "no videos released for this dataset"
+            out["datasets"][task.name] = entry
+            continue
+        entry["video_dir"] = str(finder.video_dir(task.name))
+        entry["no_video_dir"] = not Path(entry["video_dir"]).is_dir()
+        for split in splits or SPLITS:
+            if not data_mod.split_path(root, task.name, split).is_file():
+                continue
+            entry["splits"].append(split)
+            for e in data_mod.load_split(root, task.name, split, skip_bad_rows=True).examples:
+                entry["ids"] += 1
+                clip = finder.find(task.name, e.id)
+                if clip.path is None:
+                    entry["missing"].append({"id": e.id, "split": split, "reason": clip.error})
+                    continue
+                reason = None
+                if check == "probe":
+                    reason = probe_clip(clip.path)
+                elif check == "full":
+                    try:
+                        load_frames(clip.path, setting or SETTINGS["official-infer"], cache)
+                    except ClipError as err:
+                        reason = str(err)
+                if reason:
+                    entry["unreadable"].append({"id": e.id, "split": split, "reason": reason})
+                    continue
+                entry["found"] += 1
+                entry["variant_spelling"] += clip.variant
+        out["problems"] += len(entry["missing"]) + len(entry["unreadable"])
+        out["datasets"][task.name] = entry
+    return out
+
+
+def format_check(report: dict, show: int = 20) -> str:
+    lines = [f"data root: {report['root']}",
+             f"{'dataset':<18}{'clips':>8}{'found':>8}{'variant':>9}{'missing':>9}{'unreadable':>12}  splits"]
+    for ds, e in report["datasets"].items():
+        if "note" in e:
+            lines.append(f"{ds:<18}  ({e['note']})")
+            continue
+        lines.append(f"{ds:<18}{e['ids']:>8}{e['found']:>8}{e['variant_spelling']:>9}{len(e['missing']):>9}"
+                     f"{len(e['unreadable']):>12}  {','.join(e['splits']) or '-'}")
+    for ds, e in report["datasets"].items():
+        bad = e.get("missing", []) + e.get("unreadable", [])
+        if e.get("no_video_dir") and bad:
+            lines.append(f"{ds}: no folder {e['video_dir']} ({len(bad)} clips missing)")
+            continue
+        for b in bad[:show]:
+            lines.append(f"{ds} {b['split']} {b['id']}: {b['reason']}")
+        if len(bad) > show:
+            lines.append(f"{ds}: ... {len(bad) - show} more (--show N or --json for all)")
+    lines.append("all clips present and readable" if report["problems"] == 0
+                 else f"{report['problems']} clip(s) missing or unreadable")
+    return "\n".join(lines)
+
+
+def cmd_check_data(a) -> int:
+    from .tasks import parse_datasets
+
+    spec = a.datasets or "video"
+    check = "exists" if a.no_decode else "full" if a.full else "probe"
+    setting = frame_setting(a.frames, num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels)
+    cache = FrameCache(enabled=not a.no_frame_cache) if check == "full" else None
+    report = check_data(data_mod.data_root(a.data), parse_datasets(spec), [a.split] if a.split else None,
+                        check=check, setting=setting, cache=cache)
+    if check == "full":
+        report["frame_setting"] = setting.record()
+    print(json.dumps(report, indent=2) if a.json else format_check(report, a.show))
+    return 1 if report["problems"] else 0
+
+
+def add_cli(subparsers) -> None:
+    sp = subparsers.add_parser(
+        "check-data", help="list video clips that are missing or unreadable",
+        description="For every row of the TSVs, find its clip (tolerant of the release's spelling variants) "
+                    "and decode its first frame (--full: every frame the setting samples). "
+                    "Exit status 1 when something is missing or unreadable.")
+    sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
+    sp.add_argument("--datasets", help="video (default) | all | comma-separated names")
+    sp.add_argument("--split", choices=SPLITS, help="one split (default: every split present)")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--no-decode", action="store_true", help="only check that the files exist")
+    how.add_argument("--full", action="store_true",
+                     help="decode the frames of --frames (finds truncated clips; fills the frame cache)")
+    frame_args(sp)
+    sp.add_argument("--show", type=int, default=20, help="problems listed per dataset (default 20)")
+    sp.add_argument("--json", action="store_true", help="the full report as JSON")
+    sp.set_defaults(func=cmd_check_data)
+
+
+def frame_args(sp) -> None:
+    """The frame options of `mmla predict --modality video` (for cli.py)."""
+    sp.add_argument("--frames", default="official-infer", choices=tuple(SETTINGS),
+                    help="frame setting (default official-infer: 4 frames, 151,200 px, fps 1)")
+    sp.add_argument("--num-frames", type=int, help="override: a fixed number of frames")
+    sp.add_argument("--fps", type=float, help="override: sample at this rate (alone: fps sampling)")
+    sp.add_argument("--max-pixels", type=int, help="override: pixel budget per frame")
+    sp.add_argument("--no-frame-cache", action="store_true", help="decode every clip again")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mmla.video check-data ...`: the same command as `mmla check-data`."""
+    from . import cli
+
+    parser = cli._Parser(prog="mmla", description="MMLA video clips.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
+    add_cli(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mmla: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
