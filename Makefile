@@ -23,7 +23,7 @@ demo: $(STAMP)
 	MMLA_DATA=$(DATA) $(BIN)/python -m mmla.demo
 
 test: $(STAMP)
-	MMLA_DATA=$(DATA) $(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE MMLA_DATA=$(DATA) $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/zeroshot.py --data $(DATA)

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--protocol", default="official", choices=PROTOCOLS)
     sp.add_argument("--family", choices=FAMILIES, help="prompt family (default: infer_script if official, else clean)")
     sp.add_argument("--limit", type=_positive_int, help="first N rows of each dataset")
-    sp.add_argument("--batch-size", type=_positive_int, default=16)
+    sp.add_argument("--batch-size", type=_positive_int, default=32)
     sp.add_argument("--max-new-tokens", type=_positive_int)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))

@@ -41,7 +41,7 @@ class PredictConfig:
     max_pixels: int | None = None
     no_frame_cache: bool = False  # video: decode every clip again
     limit: int | None = None  # first N rows of each dataset
-    batch_size: int = 16
+    batch_size: int = 32
     max_new_tokens: int | None = None  # default: the protocol's
     seed: int = 0
     dtype: str = "auto"
