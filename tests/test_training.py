@@ -1,0 +1,295 @@
+"""Fine-tuning: config, data, the loss, train/eval/select, merge, SIGKILL + resume, and DDP under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmla import training
+from mmla.training import IGNORE, Collator, TrainConfig, answer_positions, make_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli() -> list[str]:
+    """`mmla` once the main CLI registers `train`; until then the same commands from mmla.training."""
+    from mmla import cli
+
+    choices = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    return [sys.executable, "-m", "mmla.cli" if "train" in choices else "mmla.training"]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_presets_and_overrides():
+    sft = make_config({"datasets": "MELD"})
+    assert (sft.setting, sft.learning_rate, sft.per_device_batch_size, sft.gradient_accumulation_steps) == ("sft", 5e-5, 1, 4)
+    assert (sft.lora_rank, sft.lora_alpha, sft.lora_dropout, sft.num_epochs, sft.cutoff_len) == (16, 32, 0.0, 8.0, 1024)
+    assert (sft.lr_scheduler, sft.warmup_ratio, sft.max_grad_norm, sft.eval_steps) == ("cosine", 0.0, 1.0, 20)
+    it = make_config({"datasets": "all"})
+    assert (it.setting, it.learning_rate, it.per_device_batch_size, it.gradient_accumulation_steps) == ("it", 1e-4, 2, 4)
+    assert (it.lora_rank, it.lora_alpha) == (8, 16)
+    fast = make_config({"datasets": "all", "preset": "fast"})
+    # the same optimisation: same effective batch, lr, schedule and LoRA, executed differently
+    assert fast.per_device_batch_size * fast.gradient_accumulation_steps == 8
+    assert (fast.learning_rate, fast.lora_rank, fast.batching, fast.answer_logits_only) == (1e-4, 8, "causal", True)
+    # YAML / key=value strings are typed by the dataclass; later values win over the preset
+    cfg = make_config({"datasets": "MELD,MOSI", "learning_rate": "1e-4", "num_epochs": "2", "group_by_length": "true",
+                       "eval_limit": "null", "max_steps": "7"})
+    assert (cfg.datasets, cfg.learning_rate, cfg.num_epochs, cfg.group_by_length, cfg.eval_limit, cfg.max_steps) == \
+        (["MELD", "MOSI"], 1e-4, 2.0, True, None, 7)
+    assert cfg.eval_family == "infer_script"  # the official pipeline evaluates with the inference prompt
+    assert make_config({"datasets": "MELD", "family": "clean"}).eval_family == "clean"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": "1"}, "unknown config key 'lr'"),
+    ({"learning_rate": "fast"}, "learning_rate' expects float"),
+    ({"max_steps": "2.5"}, "max_steps' expects int"),
+    ({"preset": "slow"}, "preset must be one of paper, fast"),
+    ({"batching": "ragged"}, "batching must be one of padded, causal, packed"),
+    ({"datasets": "NOPE"}, "unknown dataset 'NOPE'"),
+    ({"select_metric": "eval_gen_accuracy", "eval_gen": "none"}, "needs eval_gen"),
+])
+def test_config_errors_are_one_line(values, message):
+    with pytest.raises(ValueError, match=message) as e:
+        make_config(values)
+    assert "\n" not in str(e.value)
+
+
+def test_overrides_and_yaml(tmp_path):
+    assert training.parse_overrides(["a=1", "b=x=y"]) == {"a": "1", "b": "x=y"}
+    with pytest.raises(ValueError, match="not key=value"):
+        training.parse_overrides(["oops"])
+    (tmp_path / "c.yaml").write_text("preset: fast\nnum_epochs: 3\n")
+    cfg = make_config({**training.read_yaml(tmp_path / "c.yaml"), "datasets": "MOSI"})
+    assert (cfg.preset, cfg.num_epochs, cfg.per_device_batch_size) == ("fast", 3.0, 4)
+
+
+# ---------------------------------------------------------------- data and loss
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    from mmla.models import load_model
+
+    return load_model(str(tiny_llama), dtype="float32", device="cpu")
+
+
+def test_training_example_masks_the_prompt(tiny, data_root):
+    _, tok = tiny
+    cfg = make_config({"data": str(data_root), "datasets": "MIntRec"})
+    split = training.build_split(cfg, tok, ["MIntRec"], "train", 3)
+    item, ex = split.items[0], split.examples[0]
+    answer = [t for t in item["labels"] if t != IGNORE]
+    n_prompt = len(item["labels"]) - len(answer)
+    assert item["labels"][:n_prompt] == [IGNORE] * n_prompt and item["input_ids"][n_prompt:] == answer
+    # the released answer string (llamafactory_text capitalises MIntRec labels) and the end-of-turn token
+    assert tok.decode(answer) == f"intent: {ex.label.capitalize()}<|im_end|>"
+    prompt = tok.decode(item["input_ids"][:n_prompt])
+    assert prompt.endswith("<|im_start|>assistant\n") and "The speaker says: " + ex.text in prompt
+    # cutoff keeps the answer and cuts the prompt
+    cut, truncated = training.encode(tok, "word " * 50, "intent: Praise<|im_end|>", cutoff=20)
+    assert truncated and len(cut["input_ids"]) == 20 and cut["labels"][-len(answer):] != [IGNORE] * len(answer)
+
+
+def test_every_batching_with_answer_only_logits_gives_the_official_loss(tiny, data_root):
+    import torch
+    import torch.nn.functional as F
+
+    model, tok = tiny
+    cfg = make_config({"data": str(data_root), "datasets": "MELD"})
+    items = training.build_split(cfg, tok, ["MELD"], "train", 4).items
+    n = sum(sum(t != IGNORE for t in it["labels"]) for it in items)
+    with torch.no_grad():
+        # official: one example per micro-batch, full-vocabulary logits, the model's own loss
+        one = lambda it: {k: v for k, v in Collator(tok.pad_token_id)([it]).items() if k != "num_tokens"}  # noqa: E731
+        full = sum(model(**one(it), num_items_in_batch=torch.tensor(n)).loss for it in items)
+        for batching in ("padded", "causal", "packed"):
+            batch = Collator(tok.pad_token_id, batching)(items)
+            assert int(batch.pop("num_tokens")) == sum(len(it["input_ids"]) for it in items)
+            labels = batch.pop("labels")
+            keep = answer_positions(labels)
+            logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+            assert logits.shape == (n, model.config.vocab_size)  # only the answer positions
+            loss = F.cross_entropy(logits, labels[:, 1:][keep[:, :-1]], reduction="sum") / n
+            assert torch.allclose(loss, full, atol=1e-5), (batching, loss, full)
+
+
+def test_fast_and_paper_take_the_same_optimiser_steps(tiny_llama, data_root, tmp_path):
+    """fast (one packed micro-batch of 4, answer-only logits) vs paper (1 x accumulation 4, full logits), fp32."""
+    logs = {}
+    for preset in ("paper", "fast"):
+        cfg = make_config({"model": str(tiny_llama), "data": str(data_root), "datasets": "MUStARD", "preset": preset,
+                           "limit": 16, "max_steps": 3, "eval_steps": 0, "save_steps": 100, "precision": "fp32",
+                           "learning_rate": "1e-3", "threads": 1, "out": str(tmp_path / preset)})
+        training.train(cfg, progress=False)
+        logs[preset] = [r["loss"] for r in _log(tmp_path / preset)]
+    assert len(logs["paper"]) == 3
+    assert logs["paper"] == pytest.approx(logs["fast"], abs=1e-4)
+
+
+def test_bf16_frozen_matmuls_keep_fp32_elsewhere(tiny_llama):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from mmla.models import load_model
+
+    model, _ = load_model(str(tiny_llama), dtype="float32", device="cpu")
+    n = training.bf16_frozen_matmuls(model)
+    assert n == 2 * 7  # 7 projections per layer, the output layer left alone
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert trainable == {torch.float32}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model(input_ids=ids).logits
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- train, select, merge
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    cfg = make_config({"model": str(tiny_llama), "data": str(data_root), "datasets": "MUStARD", "preset": "fast",
+                       "limit": 32, "max_steps": 6, "eval_steps": 3, "eval_limit": 8, "save_steps": 3,
+                       "learning_rate": "3e-3", "threads": 1, "out": str(out), "select_metric": "eval_gen_accuracy"})
+    result = training.train(cfg, progress=False)
+    return out, result
+
+
+def test_train_writes_adapter_logs_and_records(trained):
+    out, result = trained
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    log = _log(out)
+    steps = [r for r in log if "loss" in r]
+    evals = [r for r in log if "eval_accuracy" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert all({"step", "epoch", "loss", "lr", "tokens_per_s"} <= set(r) for r in steps)
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(0 <= r["eval_accuracy"] <= 1 and 0 <= r["eval_gen_accuracy"] <= 1 for r in evals)
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == "eval_gen_accuracy"
+    assert best["value"] == max(r["eval_gen_accuracy"] for r in evals)
+    assert result["MUStARD"]["best"]["step"] == best["step"]
+    cfg = training.read_config(out / "config.yaml")
+    assert cfg["preset"] == "fast" and cfg["datasets"] == ["MUStARD"] and cfg["learning_rate"] == 3e-3
+    env = json.loads((out / "env.json").read_text())
+    assert env["train_rows"] == 32 and env["dev_rows"] == 8 and env["packages"]["peft"]
+    # a second call finds the finished run and does not train again
+    again = training.train(make_config({**cfg, "out": str(out)}), progress=False)
+    assert again["MUStARD"]["steps"] == 6 and len(_log(out)) == len(log)
+
+
+def test_merged_model_predicts_like_the_adapter(trained, tiny_llama, data_root, tmp_path):
+    from mmla.inference import PredictConfig, predict
+
+    out, _ = trained
+    merged = training.merge(str(tiny_llama), str(out / "adapter"), str(tmp_path / "merged"))
+    assert list(merged.glob("*.safetensors")) and (merged / "tokenizer.json").is_file()
+
+    def run(name, model, adapter, mode):
+        predict(PredictConfig(model=str(model), adapter=adapter and str(adapter), data=str(data_root),
+                              datasets=["MUStARD"], limit=6, mode=mode, max_new_tokens=6, threads=1,
+                              out=str(tmp_path / f"{name}-{mode}")), progress=False)
+        return [json.loads(l)["output"] for l in (tmp_path / f"{name}-{mode}" / "predictions.jsonl").open()]
+
+    for mode in ("generate", "score"):
+        with_adapter = run("adapter", tiny_llama, out / "adapter", mode)
+        assert run("merged", merged, None, mode) == with_adapter
+    assert run("base", tiny_llama, None, "generate") != run("adapter", tiny_llama, out / "adapter", "generate")
+
+
+def test_it_reports_datasets_without_train_split(tiny_llama, data_root, tmp_path, capfd):
+    cfg = make_config({"model": str(tiny_llama), "data": str(data_root), "datasets": "all", "limit": 1,
+                       "max_steps": 1, "eval_steps": 0, "threads": 1, "out": str(tmp_path / "it")})
+    result = training.train(cfg, progress=False)
+    err = capfd.readouterr().err
+    assert "no train split" in err and "MIntRec2.0, UR-FUNNY" in err
+    assert result["it"]["missing_train"] == ["MIntRec2.0", "UR-FUNNY"]
+    assert len(result["it"]["datasets"]) == 10
+    assert json.loads((tmp_path / "it" / "env.json").read_text())["train_rows"] == 10
+    with pytest.raises(ValueError, match="has a train split"):
+        training.train(make_config({**vars(cfg), "datasets": ["UR-FUNNY"], "setting": "sft"}), progress=False)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _train_cmd(model, data_root, out, *extra):
+    return [*_cli(), "train", "--model", str(model), "--data", str(data_root), "--datasets", "MUStARD",
+            "--out", str(out), "--no-progress", "limit=48", "max_steps=12", "save_steps=3", "eval_steps=6",
+            "eval_limit=4", "threads=1", *extra]
+
+
+def test_sigkill_then_resume_from_last_checkpoint(tiny_llama, data_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(tiny_llama, data_root, out), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while training.last_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = training.last_checkpoint(out / "checkpoints")
+    step = int(ckpt.name.split("-")[1])
+    assert step < 12 and not (out / "train_result.json").exists()
+
+    r = subprocess.run(_train_cmd(tiny_llama, data_root, out), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from checkpoint-{step} (step {step})" in r.stderr
+    log = _log(out)
+    assert [e["step"] for e in log if "loss" in e] == list(range(1, 13))  # nothing lost, nothing twice
+    assert [e["step"] for e in log if "eval_accuracy" in e] == [6, 12]
+    assert json.loads((out / "train_result.json").read_text())["steps"] == 12
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_error_is_one_line(tiny_llama, data_root, tmp_path):
+    r = subprocess.run([*_cli(), "train", "--model", str(tiny_llama), "--data", str(data_root), "--datasets",
+                        "MUStARD", "--out", str(tmp_path / "x"), "lr=1"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown config key 'lr'" in r.stderr
+
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    # the DDP config file runs on CPUs too (gloo); accelerate's MULTI_CPU type would start one process only
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_data_parallel(launcher, tiny_llama, data_root, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [*LAUNCHERS[launcher], "-m", _cli()[2], "train",
+           "--model", str(tiny_llama), "--data", str(data_root), "--datasets", "MUStARD", "--out", str(out),
+           "--no-progress", "limit=32", "max_steps=4", "eval_steps=2", "eval_limit=6", "save_steps=2"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = json.loads((out / "env.json").read_text())
+    assert env["world_size"] == 2
+    log = _log(out)
+    # 32 rows, 2 processes x batch 1 x accumulation 4 = 8 rows per step: 4 steps are exactly one epoch
+    assert [e["epoch"] for e in log if "loss" in e] == [0.25, 0.5, 0.75, 1.0]
+    assert [e["step"] for e in log if "eval_accuracy" in e] == [2, 4]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert r.stdout.count("MUStARD:") == 1  # one summary, from process 0
