@@ -323,3 +323,23 @@ def test_config_file_and_video_run(tiny_vl, root, tmp_path, monkeypatch):
     assert yaml.safe_load((out / "it-train" / "config.yaml").read_text())["setting"] == "it"
     assert list((tmp_path / "frames").rglob("*.npz"))
     assert mllm.main(["video-run", str(cfg), "--stages", "nope"]) == 2
+
+
+def test_mmla_run_dispatches_video_experiments(tiny_vl, root, tmp_path, monkeypatch):
+    """`mmla run CONFIG.yaml` with predict.modality=video trains and tests with the video trainer."""
+    from mmla import cli
+
+    monkeypatch.setenv("MMLA_FRAME_CACHE", str(tmp_path / "frames"))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "tiny", "model": str(tiny_vl), "data": str(root), "datasets": "MELD", "out": str(tmp_path / "exp"),
+        "stages": ["zero-shot", "sft"], "predict": {"modality": "video", "max_new_tokens": 4, "batch_size": 4,
+                                                    "device": "cpu", "limit": 3},
+        "train": {"max_steps": 1, "per_device_batch_size": 2, "gradient_accumulation_steps": 1, "eval_steps": 0,
+                  "device": "cpu"}}))
+    assert cli.main(["run", str(cfg), "--no-progress"]) == 0
+    out = tmp_path / "exp"
+    assert json.loads((out / "sft" / "metrics.json").read_text())["per_dataset"]["MELD"]["n"] == 3
+    assert (out / "sft-train" / "MELD" / "adapter" / "adapter_config.json").exists()
+    rec = _lines(out / "sft" / "predictions.jsonl")[0]
+    assert rec["video"].endswith(".mp4")

@@ -114,6 +114,15 @@ def _predict(cfg: ExperimentConfig, out: Path, setting: str, datasets: list[str]
     return predict(pc, progress=progress)
 
 
+def _trainer(cfg: ExperimentConfig):
+    """(make_config, train) of the text trainer, or of the video one (mmla.mllm) for video experiments."""
+    if str(cfg.predict.get("modality", "text")) == "video":
+        from .mllm import make_train_config, train_video
+
+        return make_train_config, train_video
+    return make_config, train
+
+
 def _train_values(cfg: ExperimentConfig, setting: str, out: Path, datasets) -> dict:
     section = cfg.sft if setting == "sft" else cfg.it
     return {"model": cfg.model, "data": cfg.data, "datasets": datasets, "setting": setting, "out": str(out),
@@ -169,7 +178,8 @@ def run_sft(cfg: ExperimentConfig, progress: bool) -> dict:
     for i, ds in enumerate(have, 1):
         tdir, pdir = out / "sft-train" / ds, out / "sft-test" / ds
         _say(f"sft {i}/{len(have)}: {ds}: train -> {tdir}")
-        train(make_config(_train_values(cfg, "sft", tdir, [ds])), progress=progress)
+        mk, tr = _trainer(cfg)
+        tr(mk(_train_values(cfg, "sft", tdir, [ds])), progress=progress)
         _say(f"sft {i}/{len(have)}: {ds}: test -> {pdir}")
         _predict(cfg, pdir, "sft", [ds], progress, adapter=str(tdir / "adapter"))
         parts[ds], train_dirs[ds], adapters[ds] = pdir, tdir, str(tdir / "adapter")
@@ -191,7 +201,8 @@ def run_it(cfg: ExperimentConfig, progress: bool) -> dict:
         return rec["summary"]
     tdir = out / "it-train"
     _say(f"it: train one adapter on the train splits of {train_sets} -> {tdir}")
-    summary = train(make_config(_train_values(cfg, "it", tdir, train_sets)), progress=progress)["it"]
+    mk, tr = _trainer(cfg)
+    summary = tr(mk(_train_values(cfg, "it", tdir, train_sets)), progress=progress)["it"]
     _say(f"it: test on {len(cfg.datasets)} test sets -> {out / 'it'}")
     result = _predict(cfg, out / "it", "it", cfg.datasets, progress, adapter=str(tdir / "adapter"))
     log = tdir / "train_log.jsonl"
