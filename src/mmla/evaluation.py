@@ -99,6 +99,12 @@ def format_table(result: dict, reference: dict[str, float] | None = None) -> str
     head = f"{'dataset':<22}" + "".join(f"{c:>10}" for c in cols) + (f"{'paper ACC':>11}" if reference else "")
     lines = [head, "-" * len(head)]
     rows = list(result["per_dataset"].items()) + [("average (n-weighted)", result["average"])]
+    if reference is not None:
+        # the paper's numbers weighted by our n, over the datasets both have: a like-for-like average
+        both = {ds: m["n"] for ds, m in result["per_dataset"].items() if reference.get(ds) is not None}
+        if both:
+            reference = {**reference, "average (n-weighted)":
+                         sum(reference[ds] * n for ds, n in both.items()) / sum(both.values())}
     for ds, m in rows:
         cells = "".join(f"{m[c]:>10}" for c in cols)
         ref = ""
