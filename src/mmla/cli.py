@@ -182,15 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_parsed(args) -> int:
+    """Run a parsed subcommand; bad input becomes one `mmla: error:` line and exit status 2."""
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mmla: error: {msg}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_parsed(args)
     except KeyboardInterrupt:
         print("mmla: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130

@@ -1282,13 +1282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli._Parser(prog="mmla", description="MMLA video models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
     add_cli(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mmla: error: {msg}", file=sys.stderr)
-        return 2
+    return cli.run_parsed(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
