@@ -8,7 +8,8 @@ import torch
 
 from mmla import engine
 from mmla.models import build_tiny_model, load_model
-from mmla.prompts import candidates, chat_text, render
+from mmla.inputs import TextInputs
+from mmla.prompts import Decoding, candidates, chat_text, render
 
 
 def _rows(data_root, ds, k):
@@ -76,8 +77,11 @@ def test_greedy_matches_generate_on_tiny_models(tiny, arch):
         assert engine.generate(model, tok, prompts, max_new_tokens=10, batch_size=batch_size) == _texts(tok, want)
     # Refilling at every free place exercises the cache merge and trim at each step.
     got = {}
-    engine._greedy(model, engine._tokenize(tok, prompts), 10, torch.tensor(engine.eos_ids(model, tok)),
-                   tok.pad_token_id, 3, got.__setitem__, refill_at=1)
+    inputs = TextInputs(model, tok)
+    rows = inputs.encode(prompts)
+    choose = engine._Chooser(model, Decoding(max_new_tokens=10), None, [r.ids for r in rows])
+    engine._decode(model, inputs, rows, 10, torch.tensor(engine.eos_ids(model, tok)), 3, choose, got.__setitem__,
+                   refill_at=1)
     assert [got[i] for i in range(len(prompts))] == want
 
 

@@ -1,33 +1,42 @@
-"""The batched inference core: greedy generation, candidate scoring and a prefill-only baseline.
+"""The batched inference core, once for text and video: generation (greedy or sampled) with continuous batching,
+candidate scoring with prefix reuse, and a prefill-only ceiling.
 
-Everything here works on prompt strings that are already chat-wrapped (they contain the template's
-special tokens), so they are tokenized with add_special_tokens=False.
+The engine works on `inputs.Row`s (token ids with media placeholders expanded, plus per-row media tensors) and
+asks the model's `Inputs` (mmla.inputs) for everything that differs between text and video: media arguments of a
+forward, per-token extras, rotary positions (1-D, or the model's own 3-D index for Qwen2-VL).
 
-Why a custom greedy loop rather than `model.generate` on padded batches: in a batch, `generate` keeps
-every row until the longest answer is done, so short answers ("emotion: joy") wait for long ones, and a
-decode step costs about as much for a few rows as for a full batch (it reads every weight). `_greedy`
-is a plain prefill + one-token-at-a-time loop over the model's forward with continuous batching: a row
-leaves the batch and its KV cache as soon as it emits EOS, and new prompts (prefilled together, in
-length order so padding is small) take the free places. Its outputs are tested against `model.generate`
-one sample at a time (tests/test_engine.py). Sampling (do_sample=True) goes through `model.generate`,
-so every sampling option behaves as there.
+Why a custom loop rather than `model.generate` on padded batches: in a batch, `generate` keeps every row until the
+longest answer is done, so short answers ("emotion: joy") wait for long ones, and a decode step costs about as much
+for a few rows as for a full batch (it reads every weight). `_decode` is a prefill + one-token-at-a-time loop over
+the model's forward with continuous batching: a row leaves the batch and its KV cache as soon as it emits EOS, and
+new prompts (prefilled together, in length order so padding is small) take the free places. transformers' own
+`generate_batch` (paged attention) gave identical greedy outputs but ran 3x slower on CPU (../shared/FINDINGS.md).
 
-Greedy generation and scoring also run the token prefix that every prompt shares (chat template, system
-prompt, the instruction's first words: about a quarter of an MMLA prompt) once, not once per prompt.
+The next-token choice goes through transformers' own logits processors, built from the generation config as
+`generate` builds them (repetition penalty, temperature, top-k, top-p, ...); a processor that reads the history sees
+each row's own tokens (never padding), as `generate` does one prompt at a time. Sampling draws each row from its own
+random generator (seeded per row by the caller), so a row's answer does not depend on the batch size, the order of
+rows or a resume.
+
+Generation and scoring also run the token prefix that every prompt shares (chat template, system prompt, the
+instruction's first words: about a quarter of an MMLA prompt) once, not once per prompt.
 """
 
 from __future__ import annotations
 
-import os
+import copy
 from typing import Callable, NamedTuple
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
+from .inputs import Row, TextInputs, common_prefix
+from .prompts import Decoding
 
-def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)  # ignore the history
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -36,20 +45,14 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and position ids (0 at each row's first real token) of a left-padded batch."""
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
         ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
         mask[r, width - len(s) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ids.to(device), mask.to(device)
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -61,45 +64,53 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the longest common token prefix, leaving every sequence at least one token of its own."""
-    return min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 1)
-
-
 class _Prefix(NamedTuple):
     length: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values for a batch of one
+    ids: list[int]
 
 
-def _shared_prefix(model, seqs: list[list[int]]) -> _Prefix | None:
-    """Run once the token prefix every sequence shares (chat template, system prompt, "The speaker says:");
-    about a quarter of an MMLA prompt, which every prefill then skips."""
-    n = _common_prefix(seqs)
+def _shared_prefix(model, inputs: TextInputs, rows: list[Row]) -> _Prefix | None:
+    """Run once the token prefix every row shares (chat template, system prompt, "The speaker says:"); it stops
+    before the first media token (vision features enter at the prefill)."""
+    seqs = [r.ids for r in rows]
+    n = min(common_prefix(seqs), inputs.prefix_limit(seqs[0]))
     if n == 0:
         return None
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([seqs[0][:n]], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
-    return _Prefix(n, [(layer.keys, layer.values) for layer in cache.layers])
+    ids = torch.tensor([seqs[0][:n]], device=model.device)
+    pos = torch.arange(n, device=model.device)[None]
+    if inputs.rope_dims > 1:
+        pos = pos.expand(inputs.rope_dims, 1, n)
+    model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    return _Prefix(n, [(layer.keys, layer.values) for layer in cache.layers], seqs[0][:n])
 
 
-def _prefill(model, seqs: list[list[int]], pad_id: int, prefix: _Prefix | None):
-    """Run a batch of sequences that all start with `prefix`; only the tokens after it are computed.
+def _prefill(model, inputs: TextInputs, rows: list[Row], prefix: _Prefix | None):
+    """Run rows that all start with `prefix`; only the tokens after it are computed.
 
-    Returns the KV cache, attention mask, position ids and each row's next-token logits. Each row is laid out
-    as [prefix][left padding][own tokens], the padding masked out, so every row's last token is in the last column.
-    """
+    Returns the KV cache, attention mask, each row's last position and next-token logits. Each row is laid out as
+    [prefix][left padding][own tokens], the padding masked out, so every row's last token is in the last column."""
     p = prefix.length if prefix else 0
-    ids, mask, positions = _left_pad([s[p:] for s in seqs], pad_id, model.device)
+    dev = model.device
+    ids, mask = _left_pad([r.ids[p:] for r in rows], inputs.pad_id, dev)
+    width = ids.shape[1]
+    media = inputs.media_kwargs(rows, dev)
+    own_tokens = inputs.token_kwargs(ids, [{k: v[p:] for k, v in r.tokens.items()} for r in rows], width, dev)
     cache = DynamicCache(config=model.config)
+    full_ids, full_mask, full_tokens = ids, mask, own_tokens
     if prefix:
         for layer, (k, v) in enumerate(prefix.kv):
-            cache.update(k.expand(len(seqs), -1, -1, -1), v.expand(len(seqs), -1, -1, -1), layer)
-        mask = torch.cat([mask.new_ones((len(seqs), p)), mask], dim=1)
-        positions = positions + p
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-    )
-    return cache, mask, positions, out.logits[:, -1]
+            cache.update(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1), layer)
+        full_ids = torch.cat([torch.tensor([prefix.ids], device=dev).expand(len(rows), -1), ids], dim=1)
+        full_mask = torch.cat([mask.new_ones((len(rows), p)), mask], dim=1)
+        full_tokens = {k: torch.cat([v.new_zeros((len(rows), p)), v], dim=1) for k, v in own_tokens.items()}
+    positions = inputs.positions(full_ids, full_mask, media, full_tokens)[..., p:]
+    out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1, **inputs.forward_kwargs({**media, **own_tokens}))
+    # each row's largest position so far ((dims, B, L) for a multi-axis index such as Qwen2-VL's)
+    last = positions.amax(dim=(0, 2)) if positions.dim() > 2 else positions[:, -1]
+    return cache, full_mask, last[:, None], out.logits[:, -1]
 
 
 # ---------------------------------------------------------------- generation
@@ -108,11 +119,10 @@ def _prefill(model, seqs: list[list[int]], pad_id: int, prefix: _Prefix | None):
 class _Rows:
     """Rows decoding together: KV cache, left-padded attention mask, last position, next-token logits."""
 
-    def __init__(self, model, seqs: list[list[int]], index: list[int], pad_id: int, prefix: _Prefix | None):
-        self.cache, self.mask, positions, self.logits = _prefill(model, seqs, pad_id, prefix)
-        # self.logits: each row's next-token logits, not yet turned into a token
-        self.position = positions[:, -1:]  # position of each row's last token
+    def __init__(self, model, inputs: TextInputs, rows: list[Row], index: list[int], prefix: _Prefix | None):
+        self.cache, self.mask, self.position, self.logits = _prefill(model, inputs, rows, prefix)
         self.index = list(index)  # row -> index of its sequence in the caller's list
+        self.rope_dims = inputs.rope_dims
         # Merging and trimming rewrite each layer's key/value tensors directly, which is right only for
         # plain full-attention layers (not sliding-window ones); other caches keep fixed batches.
         self.mergeable = all(type(layer) is DynamicLayer for layer in self.cache.layers)
@@ -148,12 +158,12 @@ class _Rows:
         self.index += other.index
 
     def step(self, model, token: torch.Tensor) -> None:
-        """Feed one token per row."""
+        """Feed one token per row (text tokens sit at the same position on every rotary axis)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
         self.position = self.position + 1
+        pos = self.position if self.rope_dims == 1 else self.position[None].expand(self.rope_dims, -1, -1)
         self.logits = model(
-            input_ids=token[:, None], attention_mask=self.mask, position_ids=self.position, cache=self.cache,
-            use_cache=True,
+            input_ids=token[:, None], attention_mask=self.mask, position_ids=pos, cache=self.cache, use_cache=True,
         ).logits[:, -1]
 
 
@@ -168,95 +178,150 @@ def _prefill_rows(lengths: list[int], slack: float = 0.125) -> int:
     return len(lengths)
 
 
-def _greedy(model, seqs: list[list[int]], max_new_tokens: int, eos: torch.Tensor, pad_id: int, batch_size: int,
-            on_done: Callable[[int, list[int]], None], refill_at: int | None = None) -> None:
-    """Greedy continuation of every sequence with continuous batching; on_done(i, new_tokens) as each finishes.
+class _Chooser:
+    """The next token of each row: transformers' logits processors (from the generation config, as `generate`
+    builds them), then argmax, or a draw from the row's own generator when sampling."""
 
-    Up to `batch_size` rows decode together. A row leaves the batch (and the KV cache) as soon as it emits
-    EOS or reaches max_new_tokens. Once `refill_at` places are free (default: a quarter), the next prompts,
-    longest first, are prefilled (in groups of similar length, so there is little padding) and join the
-    running rows, so the batch stays full while long answers finish. This matters most on CPU, where a
-    decode step costs nearly as much for a few rows as for 16: it reads every weight once.
+    def __init__(self, model, decoding: Decoding, seeds: list[int] | None, seqs: list[list[int]]):
+        gc = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+        gc.update(do_sample=decoding.do_sample, **{k: getattr(decoding, k) for k in
+                                                  ("temperature", "top_p", "top_k", "repetition_penalty")
+                                                  if getattr(decoding, k) is not None})
+        if not decoding.do_sample:  # greedy ignores the checkpoint's sampling settings, as generate does
+            gc.temperature = gc.top_p = gc.top_k = gc.min_p = None
+        self.processors = model._get_logits_processor(generation_config=gc, device=model.device)
+        # Sampling with top_k=1 (Qwen2-VL-Instruct's shipped config) always takes the top token: greedy.
+        self.sample = bool(decoding.do_sample) and gc.top_k != 1
+        self.history = any(not isinstance(p, _WARPERS) for p in self.processors)
+        self.seqs = seqs
+        self.gens: dict[int, torch.Generator] = {}
+        if self.sample:
+            for i in range(len(seqs)):
+                self.gens[i] = torch.Generator(device=model.device)
+                self.gens[i].manual_seed(int(seeds[i]) if seeds is not None else i)
+
+    def __call__(self, logits: torch.Tensor, index: list[int], out: dict[int, list[int]]) -> torch.Tensor:
+        scores = logits.float()
+        if self.processors:
+            if self.history:  # each row's own tokens, left-filled with its first token (a repeat changes nothing)
+                hist = [self.seqs[i] + out[i] for i in index]
+                width = max(len(h) for h in hist)
+                ids = torch.tensor([[h[0]] * (width - len(h)) + h for h in hist], device=logits.device)
+            else:
+                ids = torch.zeros((len(index), 1), dtype=torch.long, device=logits.device)
+            scores = self.processors(ids, scores)
+        if not self.sample:
+            return scores.argmax(-1)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.cat([torch.multinomial(probs[r], 1, generator=self.gens[i]) for r, i in enumerate(index)])
+
+
+def _decode(model, inputs: TextInputs, rows: list[Row], max_new_tokens: int, eos: torch.Tensor, batch_size: int,
+            choose: _Chooser, on_done: Callable[[int, list[int]], None], refill_at: int | None = None) -> None:
+    """Continuation of every row with continuous batching; on_done(i, new_tokens) as each finishes.
+
+    Up to `batch_size` rows decode together. A row leaves the batch (and the KV cache) as soon as it emits EOS or
+    reaches max_new_tokens. Once `refill_at` places are free (default: a quarter), the next prompts, longest first,
+    are prefilled (in groups of similar length and the same media shapes, so there is little padding) and join the
+    running rows, so the batch stays full while long answers finish. This matters most on CPU, where a decode step
+    costs nearly as much for a few rows as for 16: it reads every weight once.
     """
-    queue = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    prefix = _shared_prefix(model, seqs)
+    queue = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+    prefix = _shared_prefix(model, inputs, rows)
     skip = prefix.length if prefix else 0
     refill_at = refill_at or max(1, batch_size // 4)
     out: dict[int, list[int]] = {}
-    rows: _Rows | None = None
-    while queue or rows:
-        while queue and (rows is None or (rows.mergeable and batch_size - len(rows) >= refill_at)):
-            free = batch_size - (len(rows) if rows else 0)
-            take = _prefill_rows([len(seqs[i]) - skip for i in queue[:free]])
-            group, queue = queue[:take], queue[take:]
-            new = _Rows(model, [seqs[i] for i in group], group, pad_id, prefix)
-            if rows is None:
-                rows = new
+    running: _Rows | None = None
+    while queue or running:
+        while queue and (running is None or (running.mergeable and batch_size - len(running) >= refill_at)):
+            free = batch_size - (len(running) if running else 0)
+            key = rows[queue[0]].key
+            same = [i for i in queue if rows[i].key == key][:free]
+            take = _prefill_rows([len(rows[i].ids) - skip for i in same])
+            group = same[:take]
+            taken = set(group)
+            queue = [i for i in queue if i not in taken]
+            new = _Rows(model, inputs, [rows[i] for i in group], group, prefix)
+            if running is None:
+                running = new
             else:
-                rows.extend(new)
+                running.extend(new)
             out.update((i, []) for i in group)
-        token = rows.logits.argmax(-1)
-        for i, t in zip(rows.index, token.tolist()):
+            if not running.mergeable:
+                break
+        token = choose(running.logits, running.index, out)
+        for i, t in zip(running.index, token.tolist()):
             out[i].append(t)
-        full = torch.tensor([len(out[i]) >= max_new_tokens for i in rows.index], device=token.device)
+        full = torch.tensor([len(out[i]) >= max_new_tokens for i in running.index], device=token.device)
         done = torch.isin(token, eos) | full
         if bool(done.any()):
             for j in done.nonzero().squeeze(1).tolist():
-                on_done(rows.index[j], out.pop(rows.index[j]))
+                on_done(running.index[j], out.pop(running.index[j]))
             if bool(done.all()):
-                rows = None
+                running = None
                 continue
             keep = (~done).nonzero().squeeze(1)
-            rows.keep(keep)
+            running.keep(keep)
             token = token[keep]
-        rows.step(model, token)
+        running.step(model, token)
+
+
+def _as_rows(inputs, prompts) -> tuple[TextInputs, list[Row]]:
+    """(tokenizer, prompt strings) from older callers -> (TextInputs, rows)."""
+    if not isinstance(inputs, TextInputs):
+        raise TypeError("engine functions take an mmla.inputs.Inputs (or a model and a tokenizer via _text)")
+    rows = prompts if not prompts or isinstance(prompts[0], Row) else inputs.encode(list(prompts))
+    return inputs, rows
+
+
+def _text(model, tok_or_inputs) -> TextInputs:
+    return tok_or_inputs if isinstance(tok_or_inputs, TextInputs) else TextInputs(model, tok_or_inputs)
 
 
 @torch.inference_mode()
 def generate(
     model,
-    tokenizer,
-    prompts: list[str],
+    inputs,
+    prompts: list,
     *,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    decoding: Decoding | None = None,
     do_sample: bool = False,
     temperature: float | None = None,
     top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
+    seeds: list[int] | None = None,
     on_result: Callable[[int, str], None] | None = None,
 ) -> list[str]:
-    """Generated text for each prompt, in input order. Greedy unless do_sample; stops at EOS.
+    """Generated text for each prompt (a chat-wrapped string or an `inputs.Row`), in input order; stops at EOS.
 
-    `on_result(index, text)` is called as each prompt completes (greedy) or each batch (sampling), so a
-    caller can write results to disk as they come.
+    `inputs`: the model's mmla.inputs seam (a tokenizer is accepted for text). `decoding` (or the keyword
+    arguments) says greedy or sampling; `seeds` gives each row its own random generator when sampling (`seed`
+    alone: row i gets a generator seeded from (seed, i)).
+    `on_result(index, text)` is called as each prompt completes, so a caller can write results to disk as they come.
     """
-    if not prompts:
+    inputs, rows = _as_rows(_text(model, inputs), prompts)
+    if not rows:
         return []
-    seqs = _tokenize(tokenizer, prompts)
-    eos_list = eos_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer)
-    texts: list[str | None] = [None] * len(prompts)
+    decoding = decoding or Decoding(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens)
+    tok = inputs.tokenizer
+    eos_list = eos_ids(model, tok)
+    texts: list[str | None] = [None] * len(rows)
 
     def done(i: int, tokens: list[int]) -> None:
-        texts[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+        texts[i] = tok.decode(tokens, skip_special_tokens=True)
         if on_result is not None:
             on_result(i, texts[i])
 
-    if not do_sample:
-        _greedy(model, seqs, max_new_tokens, torch.tensor(eos_list, device=model.device), pad_id, batch_size, done)
-        return texts
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    for batch in _batches([len(s) for s in seqs], batch_size):
-        ids, mask, _ = _left_pad([seqs[i] for i in batch], pad_id, model.device)
-        gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-            temperature=temperature, top_p=top_p, eos_token_id=eos_list, pad_token_id=pad_id,
-        )
-        for i, tokens in zip(batch, gen[:, ids.shape[1] :].tolist()):
-            done(i, tokens)
+    if seeds is None and seed is not None:
+        seeds = [seed * 1_000_003 + i for i in range(len(rows))]
+    choose = _Chooser(model, decoding, seeds, [r.ids for r in rows])
+    _decode(model, inputs, rows, decoding.max_new_tokens, torch.tensor(eos_list, device=model.device), batch_size,
+            choose, done)
     return texts
 
 
@@ -291,9 +356,9 @@ def _feeds(rests: list[list[int]]) -> tuple[list[tuple[int, ...]], list[int | No
 @torch.inference_mode()
 def score(
     model,
-    tokenizer,
-    prompts: list[str],
-    candidates: list[list[str]],
+    inputs,
+    prompts: list,
+    candidates: list[list[str]] | None = None,
     *,
     batch_size: int = 16,
     shortcut: bool = True,
@@ -301,33 +366,30 @@ def score(
 ) -> list[Scored]:
     """Rank each prompt's candidate continuations by log-likelihood; one `Scored` per prompt, in input order.
 
-    prompt + candidate is tokenized jointly; the longest token prefix shared by all of a prompt's
-    candidates (the prompt plus e.g. "emotion: ") is run once, in length-sorted batches (and the part
-    that all prompts share, once for all). A candidate's score is the summed log-probability of its tokens
-    after that prefix (the shared part would add the same to every candidate). With `shortcut`, a
-    prompt whose candidates all differ at their first own token is scored by that token's log-probability
-    alone: that token already decides the answer, and no second pass is needed. Otherwise the remaining
-    tokens run in a second pass on top of the prefix's KV cache.
+    `prompts`: chat-wrapped strings with `candidates`, or (Row, rests) pairs from `inputs.score_rows`. prompt +
+    candidate is tokenized jointly; the longest token prefix shared by all of a prompt's candidates (the prompt plus
+    e.g. "emotion: ") is run once, in length-sorted batches (and the part that all prompts share, once for all). A
+    candidate's score is the summed log-probability of its tokens after that prefix (the shared part would add the
+    same to every candidate). With `shortcut`, a prompt whose candidates all differ at their first own token is
+    scored by that token's log-probability alone: that token already decides the answer, and no second pass is
+    needed. Otherwise the remaining tokens run in a second pass on top of the prefix's KV cache.
     `on_result(index, Scored)` is called as each batch completes.
     """
-    if len(prompts) != len(candidates):
-        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
-    if any(len(c) == 0 for c in candidates):
-        raise ValueError("every prompt needs at least one candidate")
+    inputs = _text(model, inputs)
+    if candidates is not None:
+        if len(prompts) != len(candidates):
+            raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+        if any(len(c) == 0 for c in candidates):
+            raise ValueError("every prompt needs at least one candidate")
+        prompts = inputs.score_rows(list(prompts), candidates)
     if not prompts:
         return []
-    pad_id = _pad_id(tokenizer)
-    prefixes, rests = [], []  # per prompt: the shared prefix ids, and each candidate's remaining ids
-    for prompt, cands in zip(prompts, candidates):
-        joint = _tokenize(tokenizer, [prompt + c for c in cands])
-        k = _common_prefix(joint)
-        prefixes.append(joint[0][:k])
-        rests.append([s[k:] for s in joint])
-
-    shared = _shared_prefix(model, prefixes)
+    heads = [row for row, _ in prompts]
+    rests = [r for _, r in prompts]
+    shared = _shared_prefix(model, inputs, heads)
     results: list[Scored | None] = [None] * len(prompts)
-    for batch in _batches([len(p) for p in prefixes], batch_size):
-        cache, mask, positions, logits = _prefill(model, [prefixes[i] for i in batch], pad_id, shared)
+    for batch in _key_batches(heads, batch_size):
+        cache, mask, last, logits = _prefill(model, inputs, [heads[i] for i in batch], shared)
         first = torch.log_softmax(logits.float(), dim=-1)
         # Every candidate starts with the log-probability of its first own token, read off the prefill.
         b_idx = [b for b, i in enumerate(batch) for _ in rests[i]]
@@ -350,7 +412,8 @@ def score(
                     picks += [(i, c, len(rows) + serve[c], t, r[t + 1]) for t in range(len(r) - 1)]
             rows += [(b, f) for f in feeds]
         if rows:
-            for (i, c, *_), v in zip(picks, _continuation_logp(model, cache, mask, positions, rows, picks, pad_id)):
+            logps = _continuation_logp(model, inputs, cache, mask, last, rows, picks)
+            for (i, c, *_), v in zip(picks, logps):
                 scores[i][c] += v
 
         for i in batch:
@@ -362,21 +425,34 @@ def score(
     return results
 
 
-def _continuation_logp(model, cache, mask, positions, rows, picks, pad_id) -> list[float]:
+def _key_batches(rows: list[Row], batch_size: int) -> list[list[int]]:
+    """Length-sorted batches of rows whose media can share a forward."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.key, []).append(i)
+    out = []
+    for members in groups.values():
+        out += [[members[j] for j in b] for b in _batches([len(rows[i].ids) for i in members], batch_size)]
+    return out
+
+
+def _continuation_logp(model, inputs, cache, mask, last, rows, picks) -> list[float]:
     """Feed token rows on top of their prompt's cached prefix; return the log-prob of each pick's target token."""
     width = max(len(f) for _, f in rows)
-    index = torch.tensor([b for b, _ in rows], device=mask.device)
+    dev = mask.device
+    index = torch.tensor([b for b, _ in rows], device=dev)
     # Rows are right-padded: the padding comes after the real tokens, so causal attention keeps it out of them.
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), inputs.pad_id, dtype=torch.long)
     for r, (_, f) in enumerate(rows):
         ids[r, : len(f)] = torch.tensor(f, dtype=torch.long)
     cache.batch_select_indices(index)  # each row gets its own copy of its prompt's prefix cache
     mask = torch.cat([mask[index], mask.new_ones((len(rows), width))], dim=1)
-    pos = positions[index, -1:] + 1 + torch.arange(width, device=mask.device)
-    ids = ids.to(mask.device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits
+    pos = last[index] + 1 + torch.arange(width, device=dev)
+    if inputs.rope_dims > 1:
+        pos = pos[None].expand(inputs.rope_dims, -1, -1)
+    logits = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits
     # Normalise only the positions that are read.
-    row, at, target = (torch.tensor(x, device=mask.device) for x in list(zip(*picks))[2:])
+    row, at, target = (torch.tensor(x, device=dev) for x in list(zip(*picks))[2:])
     logp = torch.log_softmax(logits[row, at].float(), dim=-1)
     return logp.gather(1, target[:, None]).squeeze(1).tolist()
 
@@ -385,14 +461,18 @@ def _continuation_logp(model, cache, mask, positions, rows, picks, pad_id) -> li
 
 
 @torch.inference_mode()
-def prefill_only(model, tokenizer, prompts: list[str], batch_size: int = 16) -> int:
+def prefill_only(model, inputs, prompts: list, batch_size: int = 16) -> int:
     """One plain forward over each prompt (no KV cache, no shared prefix): what any method that reads the
     model's answer from a full prompt must at least do. Returns the number of tokens run."""
-    if not prompts:
+    inputs, rows = _as_rows(_text(model, inputs), prompts)
+    if not rows:
         return 0
-    seqs = _tokenize(tokenizer, prompts)
-    pad_id = _pad_id(tokenizer)
-    for batch in _batches([len(s) for s in seqs], batch_size):
-        ids, mask, positions = _left_pad([seqs[i] for i in batch], pad_id, model.device)
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
-    return sum(len(s) for s in seqs)
+    for batch in _key_batches(rows, batch_size):
+        group = [rows[i] for i in batch]
+        ids, mask = _left_pad([r.ids for r in group], inputs.pad_id, model.device)
+        media = inputs.media_kwargs(group, model.device)
+        tokens = inputs.token_kwargs(ids, [r.tokens for r in group], ids.shape[1], model.device)
+        positions = inputs.positions(ids, mask, media, tokens)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1,
+              **inputs.forward_kwargs({**media, **tokens}))
+    return sum(len(r.ids) for r in rows)

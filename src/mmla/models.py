@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen2VLConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,13 +66,67 @@ def _smollm2_135m() -> Path:
     return out
 
 
-ALIASES = {"smollm2-135m": _smollm2_135m}
+ALIASES = {
+    "smollm2-135m": _smollm2_135m,
+    "qwen2-vl-7b": lambda: "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen2-vl-72b": lambda: "Qwen/Qwen2-VL-72B-Instruct",
+    "qwen2.5-vl-7b": lambda: "Qwen/Qwen2.5-VL-7B-Instruct",
+}
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
-    """Alias -> converted local directory; anything else is returned unchanged."""
+    """Alias -> converted local directory or hub id; anything else is returned unchanged."""
     name = str(name_or_path)
     return str(ALIASES[name]()) if name in ALIASES else name
+
+
+# ---------------------------------------------------------------- model families
+# What must stay per model is data, keyed by the config's model_type. A family not listed gets the defaults:
+# the checkpoint's own chat template and generation config, frames as --frames says.
+#   frames            the official frame setting of its zero-shot inference (mmla.video.SETTINGS)
+#   train_frames      ... of its fine-tuning
+#   max_new_tokens    the official inference's generate(max_new_tokens=...)
+#   processor_kwargs  how its processor must be called on frames that mmla already sampled and resized
+#   paper_preset      the per-dataset fine-tuning table of the paper (mmla.training.VIDEO_PRESETS)
+#   system            a system prompt to add to every video chat (None: the template's default)
+_QWEN_VL = dict(frames="official-infer", train_frames="official-train", max_new_tokens=128,
+                processor_kwargs={"do_resize": False, "cap_pixels_per_frame": False}, paper_preset="qwen2-vl-7b")
+FAMILIES: dict[str, dict] = {
+    "qwen2_vl": _QWEN_VL,
+    "qwen2_5_vl": _QWEN_VL,
+    "llava_onevision": dict(frames="official-infer", train_frames="official-train"),
+}
+
+
+def family_of(config) -> dict:
+    return FAMILIES.get(getattr(config, "model_type", None), {})
+
+
+def read_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+    """The model's config, or one line saying why there is none."""
+    path = resolve(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        known = ", ".join(ALIASES)
+        raise ValueError(
+            f"model '{name_or_path}' not found: not an alias ({known}), a local model directory "
+            f"or a reachable Hugging Face id ({type(e).__name__})"
+        ) from None
+
+
+def takes_images(config) -> bool:
+    """A vision-language model (transformers' image-text-to-text family: it has a vision tower)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or hasattr(config, "vision_config")
+
+
+def modality_of(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> str:
+    """'video' for a vision-language model, else 'text' (the embedded alias is text without converting it)."""
+    if str(name_or_path) == "smollm2-135m":
+        return "text"
+    return "video" if takes_images(read_config(name_or_path, trust_remote_code)) else "text"
 
 
 # ---------------------------------------------------------------- loading
@@ -104,39 +158,67 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_processor(path: str, trust_remote_code: bool = False):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return processor
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    modality: str = "text",
+    merge: bool = True,
 ):
-    """(model, tokenizer) ready for inference: eval mode, on `device`, tokenizer padding on the left."""
+    """(model, tokenizer) -- or (model, processor) for modality 'video' -- ready for inference: eval mode, on
+    `device`, padding on the left. A LoRA adapter is merged into the weights in memory (`merge`): the same
+    numbers as the unmerged adapter, at the base model's speed."""
     path = resolve(name_or_path)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    config = read_config(name_or_path, trust_remote_code)
+    video = modality == "video"
+    if video:
+        if not takes_images(config):
+            raise ValueError(f"model '{name_or_path}' is a {config.model_type} text model: it cannot take video "
+                             f"(use --modality text)")
+        from transformers import AutoModelForImageTextToText as auto_class
+    else:
+        auto_class = AutoModelForCausalLM
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        known = ", ".join(ALIASES)
-        raise ValueError(
-            f"model '{name_or_path}' not found: not an alias ({known}), a local model directory "
-            f"or a reachable Hugging Face id ({type(e).__name__})"
-        ) from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         ).to(dev)
     except OSError as e:  # e.g. only pickled (.bin) weights, which we do not load
         raise ValueError(f"model '{name_or_path}': no loadable safetensors weights ({str(e).splitlines()[0]})") from None
+    except ValueError as e:
+        if video:  # a model type that transformers has no image-text-to-text class for
+            raise ValueError(f"model '{name_or_path}' ({config.model_type}) has no transformers image-text-to-text "
+                             f"class: {str(e).splitlines()[0][:160]}") from None
+        raise
     if adapter is not None:
         from peft import PeftModel
 
         if not Path(adapter).is_dir():
             raise ValueError(f"adapter '{adapter}' not found (expected a directory saved by peft)")
         model = PeftModel.from_pretrained(model, str(adapter))
+        if merge:
+            model = model.merge_and_unload()
     model.eval()
-    return model, load_tokenizer(path, trust_remote_code)
+    if not video:
+        return model, load_tokenizer(path, trust_remote_code)
+    processor = load_processor(path, trust_remote_code)
+    if getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"model '{name_or_path}' ({config.model_type}): its processor takes images but not video")
+    return model, processor
 
 
 # ---------------------------------------------------------------- test and benchmark models
@@ -164,6 +246,22 @@ def real_size_config(arch: str):
             bos_token_id=128000, eos_token_id=128009,
         )
     raise ValueError(f"unknown architecture '{arch}' (use qwen2-1.5b or llama3-8b)")
+
+
+def real_size_video_config(arch: str = "qwen2-vl-7b"):
+    """Qwen2-VL-7B-Instruct's architecture, for random-init speed benchmarks (no weights needed)."""
+    if arch != "qwen2-vl-7b":
+        raise ValueError(f"unknown architecture '{arch}' (use qwen2-vl-7b)")
+    return Qwen2VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]},
+                         bos_token_id=151643, eos_token_id=151645),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    )
 
 
 def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:

@@ -57,12 +57,17 @@ def candidates(task: Task | str, family: str, split: str = "test", modality: str
 # ---------------------------------------------------------------- chat wrapping
 
 
+def _has_token(tokenizer, token: str) -> bool:
+    i = tokenizer.convert_tokens_to_ids(token)
+    return i is not None and i != tokenizer.unk_token_id
+
+
 def model_kind(tokenizer) -> str:
-    """'qwen' | 'llama3' | 'other': which official inference script applies to this model."""
-    vocab = tokenizer.get_vocab()
-    if "<|eot_id|>" in vocab and "<|start_header_id|>" in vocab:
+    """'qwen' | 'llama3' | 'other': which official inference script applies to this model.
+    (Token look-ups, not `get_vocab()`, which builds a dict of the whole vocabulary: 45 ms for 49k tokens.)"""
+    if _has_token(tokenizer, "<|eot_id|>") and _has_token(tokenizer, "<|start_header_id|>"):
         return "llama3"
-    if "<|im_start|>" in vocab and "<|endoftext|>" in vocab and len(vocab) > 150000:
+    if _has_token(tokenizer, "<|im_start|>") and _has_token(tokenizer, "<|endoftext|>") and len(tokenizer) > 150000:
         return "qwen"
     return "other"
 
