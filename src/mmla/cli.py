@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="a short label for reports")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--out", required=True, help="run directory (rerun to resume)")
-    sp.add_argument("--modality", default="text", choices=("text", "video"),
-                    help="video: a Qwen2-VL / Qwen2.5-VL model on the clips (datasets: the 9 with videos)")
+    sp.add_argument("--modality", default="auto", choices=("auto", "text", "video"),
+                    help="auto (default): video for a vision-language model (datasets: the 9 with videos), else text")
     from .video import frame_args
 
     frame_args(sp)
@@ -167,19 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", default="data/mmla")
     sp.set_defaults(func=cmd_download)
 
-    from . import mllm, report, video
+    from . import experiment, export, report, training, video
 
-    report.add_cli(sub)  # report
-    video.add_cli(sub)  # check-data
-    mllm.add_cli(sub)  # train-video, video-run
-    try:
-        from . import experiment, export, training
-    except ImportError:
-        return p
-    for mod in (training, experiment, export):
-        if hasattr(mod, "add_cli"):
-            mod.add_cli(sub)
+    for mod in (report, video, training, experiment, export):  # report, check-data, train/merge, run, export
+        mod.add_cli(sub)
+    _moved(sub, "train-video", "mmla train (the modality comes from the model, or --modality)", "train")
+    _moved(sub, "video-run", "mmla run CONFIG.yaml", "run")
     return p
+
+
+def _moved(sub, old: str, new: str, target: str) -> None:
+    """A command that moved: still works, and says where it went."""
+    sp = sub.choices[target]
+
+    def run(a):
+        print(f"mmla {old} is now {new}", file=sys.stderr)
+        return sp.get_default("func")(a)
+
+    alias = sub.add_parser(old, help=f"(moved) {new}", parents=[], add_help=True)
+    for action in sp._actions:
+        if action.dest != "help":
+            alias._add_action(action)
+    alias.set_defaults(func=run)
 
 
 def run_parsed(args) -> int:

@@ -1,27 +1,35 @@
-"""Zero-shot inference: a recipe of setup -> run -> save.
+"""Inference, text and video alike: a recipe of setup -> run -> save.
 
-setup: resolve the config, read the data, open (or resume) the run directory.
-run:   chat-wrap each prompt, generate (or score the candidate answers) in length-sorted batches,
-       append every finished sample to predictions.jsonl at once.
+setup: resolve the config (modality from the model unless given), read the data, open (or resume) the run directory,
+       load the model and its input seam (mmla.inputs), resolve the decoding.
+run:   render and chat-wrap the prompts (in batch), find and decode the clips (video; in a background thread, one
+       chunk ahead of the model), generate or score in length-sorted continuous batches (mmla.engine); every finished
+       sample is appended to predictions.jsonl at once. A clip that is missing or does not decode gives a record
+       with an empty output and a `clip_error`; the run goes on.
 save:  evaluate everything in predictions.jsonl with the official parser and write metrics.json.
 
-Rerunning into the same run directory skips the samples already there.
+Rerunning the same command into the same run directory skips the samples already there (and retries failed clips).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as data_mod
+from . import video as video_mod
 from .evaluation import evaluate_records, parse_output
-from .prompts import PROTOCOLS, chat_text, model_kind, official_decoding, render
+from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
 from .runs import JsonlAppender, environment, read_config, read_jsonl, write_config, write_json
-from .tasks import FAMILIES, get_task, parse_datasets
+from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")
+MODALITIES = ("auto", "text", "video")
 
 
 @dataclass
@@ -34,8 +42,8 @@ class PredictConfig:
     mode: str = "generate"
     protocol: str = "official"
     family: str | None = None  # default: infer_script under the official protocol, clean otherwise
-    modality: str = "text"
-    frames: str = "official-infer"  # video: frame setting (mmla.video.SETTINGS)
+    modality: str = "auto"  # auto: video for a vision-language model, else text
+    frames: str | None = None  # video: frame setting (mmla.video.SETTINGS); default the model family's official one
     num_frames: int | None = None  # video: overrides of the frame setting
     fps: float | None = None
     max_pixels: int | None = None
@@ -43,7 +51,7 @@ class PredictConfig:
     limit: int | None = None  # first N rows of each dataset
     batch_size: int = 32
     max_new_tokens: int | None = None  # default: the protocol's
-    seed: int = 0
+    seed: int = 0  # sampling: row r draws from a generator seeded from (seed, dataset, id)
     dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
@@ -55,14 +63,32 @@ class PredictConfig:
     out: str = "runs/predict"
 
 
-# Settings that change predictions: a run directory refuses to resume under different ones.
-_IDENTITY = ("model", "adapter", "split", "mode", "protocol", "family", "modality", "max_new_tokens", "seed", "dtype")
+# Settings that change predictions: a run directory refuses to resume under different ones. They are compared as
+# the user gave them (None = the protocol's default), so the same command always resumes.
+_IDENTITY = ("model", "adapter", "split", "mode", "protocol", "family", "modality", "max_new_tokens", "seed", "dtype",
+             "frames", "num_frames", "fps", "max_pixels")
 
 
 def resolve(cfg: PredictConfig) -> PredictConfig:
     """Validate and fill defaults; every error is one line."""
+    from .models import modality_of
+
     cfg = dataclasses.replace(cfg)
-    cfg.datasets = parse_datasets(cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0])
+    if cfg.modality not in MODALITIES:
+        raise ValueError(f"--modality must be one of {', '.join(MODALITIES)}, got '{cfg.modality}'")
+    if cfg.modality == "auto":
+        cfg.modality = modality_of(cfg.model, cfg.trust_remote_code)
+    spec = cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0]
+    if cfg.modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
+        spec = "video"
+    cfg.datasets = parse_datasets(spec)
+    if cfg.modality == "video":
+        no_video = [ds for ds in cfg.datasets if not get_task(ds).has_video]
+        if no_video:
+            raise ValueError(f"no videos are released for {', '.join(no_video)}: use --datasets video "
+                             f"({', '.join(VIDEO_DATASETS)}) or --modality text")
+        video_mod.frame_setting(cfg.frames or "official-infer", num_frames=cfg.num_frames, fps=cfg.fps,
+                                max_pixels=cfg.max_pixels)  # validates
     if cfg.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
     if cfg.protocol not in PROTOCOLS:
@@ -91,6 +117,8 @@ def load_examples(cfg: PredictConfig) -> tuple[list[data_mod.Example], list[str]
 
 def _open_run_dir(cfg: PredictConfig) -> Path:
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: --out names an existing file, not a run directory")
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.yaml"
     if cfg_path.exists():
@@ -104,91 +132,180 @@ def _open_run_dir(cfg: PredictConfig) -> Path:
     return out
 
 
-def predict(cfg: PredictConfig, *, progress: bool = True) -> dict:
-    if cfg.modality == "video":  # video + text models: same run directory, plus clips and frames (mmla.mllm)
-        from .mllm import predict_video
+def dedupe(records: list[dict]) -> list[dict]:
+    """One record per (dataset, split, id): the last one written."""
+    last = {}
+    for r in records:
+        last[(r["dataset"], r["split"], r["id"])] = r
+    return list(last.values())
 
-        return predict_video(cfg, progress=progress)
+
+def decoding_for(cfg: PredictConfig, model, inputs) -> Decoding:
+    """The protocol's decoding: the official script's (per model kind / family) or greedy (clean)."""
+    if cfg.protocol == "official":
+        if inputs.modality == "video":  # the official MLLM infer.py: the checkpoint's generation config
+            decoding = official_decoding("qwen", model.generation_config)
+            decoding.max_new_tokens = inputs.family.get("max_new_tokens", decoding.max_new_tokens)
+        else:
+            decoding = official_decoding(inputs.kind, model.generation_config)
+    else:
+        decoding = Decoding()
+    decoding.max_new_tokens = cfg.max_new_tokens or decoding.max_new_tokens
+    return decoding
+
+
+def row_seed(seed: int, dataset: str, id_: str) -> int:
+    """A row's sampling seed: the same whatever the batch, the order of rows or a resume."""
+    return int(hashlib.sha256(f"{seed}|{dataset}|{id_}".encode()).hexdigest()[:15], 16)
+
+
+def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod.FrameCache | None = None) -> dict:
     # ---- setup
     cfg = resolve(cfg)
     examples, skipped = load_examples(cfg)
     out = _open_run_dir(cfg)
     pred_path = out / "predictions.jsonl"
     done, torn = read_jsonl(pred_path)
+    n_written = len(done)
+    done = dedupe(done)
+    retry = [r for r in done if r.get("clip_error")]  # clips that failed before are tried again
+    done = [r for r in done if not r.get("clip_error")]
     done_keys = {(r["dataset"], r["split"], r["id"]) for r in done}
     todo = [e for e in examples if (e.dataset, e.split, e.id) not in done_keys]
-    if done_keys:
-        n_done = len(examples) - len(todo)
-        print(f"resuming: {n_done} of {len(examples)} done, {len(todo)} to go ({pred_path})", file=sys.stderr)
+    if done_keys or retry:
+        print(f"resuming: {len(examples) - len(todo)} of {len(examples)} done, {len(todo)} to go"
+              f"{f' ({len(retry)} missing clips retried)' if retry else ''} ({pred_path})", file=sys.stderr)
 
     import torch
 
-    from .models import load_model
+    from .inputs import make_inputs
+    from .models import family_of, load_model, read_config as model_config
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tok = None, None
-    if todo or cfg.max_new_tokens is None:
+    video = cfg.modality == "video"
+    setting = None
+    if video:
+        family = family_of(model_config(cfg.model, cfg.trust_remote_code))
+        setting = video_mod.frame_setting(cfg.frames or family.get("frames", "official-infer"),
+                                          num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
+    model = inputs = decoding = None
+    if todo:
         model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
-                                trust_remote_code=cfg.trust_remote_code)
-    decoding = None
-    if model is not None:
-        kind = model_kind(tok)
-        if cfg.protocol == "official":
-            decoding = official_decoding(kind, model.generation_config)
-        else:
-            from .prompts import Decoding
-
-            decoding = Decoding()
-        cfg.max_new_tokens = cfg.max_new_tokens or decoding.max_new_tokens
-        decoding.max_new_tokens = cfg.max_new_tokens
-    _open_run_dir(cfg)  # check again now that max_new_tokens is resolved
-    write_config(out / "config.yaml", cfg)
-    write_json(out / "env.json", {**environment(str(model.device) if model is not None else None),
-                                  "decoding": dataclasses.asdict(decoding) if decoding else None,
-                                  "skipped_rows": skipped})
+                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
+        inputs = make_inputs(model, tok, setting)
+        setting = getattr(inputs, "setting", setting)
+        decoding = decoding_for(cfg, model, inputs)
+    cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
+    write_config(out / "config.yaml", {**dataclasses.asdict(cfg),
+                                       **({"frame_setting": setting.record()} if setting else {})})
+    env = {**environment(str(model.device) if model is not None else None),
+           "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped}
+    if video:
+        env.update(frame_setting=setting.record(), frame_cache=str(cache.root) if cache.enabled else None)
+    write_json(out / "env.json", env)
 
     # ---- run
+    stats = {}
     if todo:
-        _run(cfg, model, tok, decoding, todo, JsonlAppender(pred_path, done, torn), progress)
+        sink = JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
+        try:
+            stats = _run(cfg, model, inputs, decoding, cache, todo, sink, progress)
+        finally:
+            sink.close()
 
     # ---- save
     wanted = {(e.dataset, e.split, e.id) for e in examples}
-    records, _ = read_jsonl(pred_path)
-    records = [r for r in records if (r["dataset"], r["split"], r["id"]) in wanted]
+    records = [r for r in dedupe(read_jsonl(pred_path)[0]) if (r["dataset"], r["split"], r["id"]) in wanted]
     result = evaluate_records(records)
     result["skipped_rows"] = len(skipped)
+    if video:
+        missing = [r for r in records if r.get("clip_error")]
+        result["missing_clips"] = len(missing)
+        result["missing_clips_per_dataset"] = {ds: sum(r["dataset"] == ds for r in missing)
+                                               for ds in sorted({r["dataset"] for r in missing})}
+        env.update(missing_clips=len(missing), frame_cache_hits=cache.hits, frame_cache_misses=cache.misses)
     write_json(out / "metrics.json", result)
+    env.update(stats)
+    write_json(out / "env.json", env)
     return result
 
 
-def _run(cfg, model, tok, decoding, todo, sink: JsonlAppender, progress: bool) -> None:
+def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool) -> dict:
+    """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
+    Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
+    batches, so only their frames are in memory."""
     from tqdm.auto import tqdm
 
-    from . import engine, prompts
+    from . import engine
 
-    texts = [render(e.dataset, cfg.family, e.text, cfg.split, cfg.modality) for e in todo]
-    inputs = [chat_text(tok, p, cfg.protocol) for p in texts]
+    video = inputs.modality == "video"
+    finder = video_mod.ClipFinder(cfg.data) if video else None
+    root = Path(cfg.data)
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)
+    timing = {"seconds_prepare": 0.0, "seconds_model": 0.0}
 
-    def record(i: int, output: str) -> None:
-        e = todo[i]
-        sink.write({"dataset": e.dataset, "split": e.split, "id": e.id, "text": e.text, "label": e.label,
-                    "prompt": texts[i], "output": output, "pred": parse_output(output, get_task(e.dataset).labels)})
+    def prepare(chunk: list[int]) -> dict:
+        t0 = time.perf_counter()
+        ex = [todo[i] for i in chunk]
+        prompts = [render(e.dataset, cfg.family, e.text, cfg.split, inputs.modality) for e in ex]
+        clips, frames, errors = [None] * len(ex), [None] * len(ex), [None] * len(ex)
+        if video:
+            for j, e in enumerate(ex):
+                clips[j] = finder.find(e.dataset, e.id)
+                if clips[j].path is None:
+                    errors[j] = clips[j].error
+                    continue
+                try:
+                    frames[j] = video_mod.load_frames(clips[j].path, inputs.setting, cache)
+                except video_mod.ClipError as err:
+                    errors[j] = str(err)
+        ok = [j for j in range(len(ex)) if errors[j] is None]
+        texts = inputs.chat([prompts[j] for j in ok], cfg.protocol)
+        fr = [frames[j] for j in ok] if video else None
+        if cfg.mode == "score":
+            cands = [candidates(ex[j].dataset, cfg.family, cfg.split, inputs.modality) for j in ok]
+            rows = inputs.score_rows(texts, cands, fr)
+        else:
+            cands, rows = None, inputs.encode(texts, fr)
+        timing["seconds_prepare"] += time.perf_counter() - t0
+        return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands)
+
+    def record(p: dict, j: int, output: str) -> None:
+        e = todo[p["chunk"][j]]
+        rec = {"dataset": e.dataset, "split": e.split, "id": e.id, "text": e.text, "label": e.label,
+               "prompt": p["prompts"][j], "output": output, "pred": parse_output(output, get_task(e.dataset).labels)}
+        if video:
+            clip = p["clips"][j]
+            rec["video"] = clip.record(root) if clip.path is not None else None
+            if p["errors"][j]:
+                rec["clip_error"] = p["errors"][j]
+        sink.write(rec)
         bar.update(1)
 
+    size = len(todo) if not video else max(cfg.batch_size * 4, 16)
+    chunks = [list(range(s, min(s + size, len(todo)))) for s in range(0, len(todo), size)]
+    seeds = [row_seed(cfg.seed, e.dataset, e.id) for e in todo]
     try:
-        if cfg.mode == "generate":
-            engine.generate(model, tok, inputs, max_new_tokens=decoding.max_new_tokens, batch_size=cfg.batch_size,
-                            do_sample=decoding.do_sample, temperature=decoding.temperature, top_p=decoding.top_p,
-                            seed=cfg.seed, on_result=record)
-        else:
-            cands = [prompts.candidates(e.dataset, cfg.family, cfg.split, cfg.modality) for e in todo]
-
-            def scored(i: int, s) -> None:
-                record(i, cands[i][s.best])  # the chosen answer string, e.g. "emotion: joy"
-
-            engine.score(model, tok, inputs, cands, batch_size=cfg.batch_size, on_result=scored)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(prepare, chunks[0])
+            for k in range(len(chunks)):
+                p = pending.result()
+                if k + 1 < len(chunks):
+                    pending = pool.submit(prepare, chunks[k + 1])
+                for j in range(len(p["chunk"])):
+                    if p["errors"][j]:
+                        record(p, j, "")
+                ok = p["ok"]
+                t0 = time.perf_counter()
+                if cfg.mode == "generate":
+                    engine.generate(model, inputs, p["rows"], decoding=decoding, batch_size=cfg.batch_size,
+                                    seeds=[seeds[p["chunk"][j]] for j in ok],
+                                    on_result=lambda r, text: record(p, ok[r], text))
+                else:  # the chosen answer string, e.g. "emotion: joy"
+                    engine.score(model, inputs, p["rows"], batch_size=cfg.batch_size,
+                                 on_result=lambda r, s: record(p, ok[r], p["cands"][r][s.best]))
+                timing["seconds_model"] += time.perf_counter() - t0
     finally:
-        sink.close()
         bar.close()
+    return {k: round(v, 2) for k, v in timing.items()}

@@ -482,7 +482,7 @@ def cmd_check_data(a) -> int:
 
     spec = a.datasets or "video"
     check = "exists" if a.no_decode else "full" if a.full else "probe"
-    setting = frame_setting(a.frames, num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels)
+    setting = frame_setting(a.frames or "official-infer", num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels)
     cache = FrameCache(enabled=not a.no_frame_cache) if check == "full" else None
     report = check_data(data_mod.data_root(a.data), parse_datasets(spec), [a.split] if a.split else None,
                         check=check, setting=setting, cache=cache)
@@ -513,23 +513,10 @@ def add_cli(subparsers) -> None:
 
 def frame_args(sp) -> None:
     """The frame options of `mmla predict --modality video` (for cli.py)."""
-    sp.add_argument("--frames", default="official-infer", choices=tuple(SETTINGS),
-                    help="frame setting (default official-infer: 4 frames, 151,200 px, fps 1)")
+    sp.add_argument("--frames", choices=tuple(SETTINGS),
+                    help="frame setting (default: the model family's official one, else official-infer: "
+                         "4 frames, 151,200 px, fps 1)")
     sp.add_argument("--num-frames", type=int, help="override: a fixed number of frames")
     sp.add_argument("--fps", type=float, help="override: sample at this rate (alone: fps sampling)")
     sp.add_argument("--max-pixels", type=int, help="override: pixel budget per frame")
     sp.add_argument("--no-frame-cache", action="store_true", help="decode every clip again")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mmla.video check-data ...`: the same command as `mmla check-data`."""
-    from . import cli
-
-    parser = cli._Parser(prog="mmla", description="MMLA video clips.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
-    add_cli(sub)
-    return cli.run_parsed(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
