@@ -163,10 +163,10 @@ class VideoInputs(TextInputs):
         factor = getattr(vp, "patch_size", None) and getattr(vp, "merge_size", None) and vp.patch_size * vp.merge_size
         self.setting = video_mod.frame_setting(setting, factor=factor) if factor else setting
         self.processor_kwargs = {"do_sample_frames": False, **self.family.get("processor_kwargs", {})}
-        vid = getattr(processor, "video_token_id", None)
-        if vid is None:
-            vid = getattr(model.config, "video_token_id", None) or getattr(model.config, "video_token_index", None)
-        self.media_token_ids = {vid} if vid is not None else set()
+        # The tokens that stand for vision features (some models put a video's frames under image tokens).
+        names = ("video_token_id", "image_token_id", "video_token_index", "image_token_index")
+        found = [getattr(o, n, None) for o in (processor, model.config) for n in names]
+        self.media_token_ids = {t for t in found if isinstance(t, int)}
         inner = _inner(model)
         self._rope = getattr(inner, "get_rope_index", None)
         self.rope_dims = 3 if self._rope is not None else 1
