@@ -7,9 +7,9 @@ out as a data root (<tmp>/MELD/test.tsv, <tmp>/MELD/video/MELD_<id>.mp4).
   official   one clip at a time, as the official Qwen2-VL infer.py: decode 4 frames with PyAV every time
              (np.linspace(0, total-1, 4), resized to 151,200 px), processor(text, videos), `model.generate`
              with batch 1, greedy.
-  ours_cold  mmla's path (`mllm._run_video`, what `predict --modality video` runs): a background thread
-             decodes/encodes the next batch while the model runs the current one, length-padded batches of
-             --batch-size, the greedy loop that drops finished rows; empty frame cache (decodes + fills it).
+  ours_cold  mmla's path (`inference._run`, what `predict --modality video` runs): a background thread
+             decodes/encodes the next chunk while the model runs the current one, continuous batching of
+             --batch-size rows (finished rows leave, queued ones join); empty frame cache (decodes + fills it).
   ours_warm  the same again, every clip's frames read from the frame cache (a repeated run).
 Same model, dtype, threads, frames and max_new_tokens; prints JSON (samples/s, speed-ups, how many
 predictions are identical to the official loop's) and the command that reproduces it.
@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mmla import mllm  # noqa: E402
+from mmla import inference, tiny  # noqa: E402
 from mmla import video as V  # noqa: E402
 from mmla.evaluation import parse_output  # noqa: E402
-from mmla.models import pick_device, pick_dtype  # noqa: E402
+from mmla.inputs import make_inputs  # noqa: E402
+from mmla.models import load_model, pick_device, pick_dtype, real_size_video_config  # noqa: E402
 from mmla.prompts import Decoding, render  # noqa: E402
 from mmla.tasks import get_task  # noqa: E402
 
@@ -63,14 +64,14 @@ def make_root(tmp: Path, n: int, data: Path, videos: Path) -> Path:
 def official_loop(model, processor, root: Path, examples, setting, decoding) -> list[str]:
     """The official infer.py, one sample at a time (frames decoded every time, model.generate batch 1)."""
     tok = processor.tokenizer
+    seam = make_inputs(model, processor, setting)
     outs = []
     for e in examples:
         frames = V.decode_frames(root / "MELD" / "video" / f"MELD_{e.id}.mp4", setting).array
-        text = mllm.chat_text(processor, render("MELD", "infer_script", e.text, "test", "video"))
+        text = seam.chat([render("MELD", "infer_script", e.text, "test", "video")], "official")[0]
         inputs = processor(text=[text], videos=[frames], padding=True, return_tensors="pt", add_special_tokens=False,
                            videos_kwargs=dict(do_resize=False, cap_pixels_per_frame=False)).to(model.device)
-        inputs.pop("second_per_grid_ts", None) if "second_per_grid_ts" not in mllm.inspect.signature(
-            model.forward).parameters else None
+        inputs = seam.forward_kwargs(dict(inputs))
         gen = model.generate(**inputs, max_new_tokens=decoding.max_new_tokens, do_sample=False,
                              repetition_penalty=decoding.repetition_penalty, pad_token_id=tok.pad_token_id)
         outs.append(tok.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -86,10 +87,10 @@ class _Sink:
 
 
 def ours(model, processor, root: Path, examples, setting, decoding, cache, batch_size: int) -> list[str]:
-    cfg = mllm.VideoPredictConfig(model="bench", data=str(root), datasets=["MELD"], family="infer_script",
-                                  batch_size=batch_size, mode="generate", out="unused")
+    cfg = inference.PredictConfig(model="bench", data=str(root), datasets=["MELD"], family="infer_script",
+                                  batch_size=batch_size, mode="generate", modality="video", out="unused")
     sink = _Sink()
-    mllm._run_video(cfg, model, processor, decoding, setting, cache, examples, sink, progress=False)
+    inference._run(cfg, model, make_inputs(model, processor, setting), decoding, cache, examples, sink, progress=False)
     by_id = {r["id"]: r["output"] for r in sink.records}
     return [by_id[e.id] for e in examples]
 
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--random-init", action="store_true", help="random weights of --arch; the tiny processor")
     ap.add_argument("--n", type=int, default=12, help="samples (clips)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=mllm.OFFICIAL_MAX_NEW_TOKENS)
+    ap.add_argument("--max-new-tokens", type=int, default=128)  # the official Qwen2-VL infer.py
     ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
@@ -130,9 +131,9 @@ def main(argv=None) -> dict:
                 ap.error("--random-init needs --arch")
             import transformers
 
-            processor = mllm.tiny_processor("qwen2-vl")
-            config = mllm.real_size_config(args.arch)
-            ids = processor.tokenizer.convert_tokens_to_ids(list(mllm.VISION_SPECIAL_TOKENS))
+            _, processor = tiny.tiny_video_parts("qwen2-vl")
+            config = real_size_video_config(args.arch)
+            ids = processor.tokenizer.convert_tokens_to_ids(list(tiny.QWEN_VISION_TOKENS))
             config.vision_start_token_id, config.vision_end_token_id, config.image_token_id, config.video_token_id = ids
             config.text_config.eos_token_id = processor.tokenizer.eos_token_id
             torch.manual_seed(0)
@@ -142,10 +143,10 @@ def main(argv=None) -> dict:
             model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
             name = f"{args.arch} (random init)"
         else:
-            path = args.model or mllm.build_tiny_mllm("qwen2-vl", tmp / "tiny")
-            model, processor = mllm.load_mllm(str(path), dtype=args.dtype, device=args.device)
+            path = args.model or tiny.build_tiny_video_model("qwen2-vl", tmp / "tiny")
+            model, processor = load_model(str(path), dtype=args.dtype, device=args.device, modality="video")
             name = args.model or "tiny random Qwen2-VL (text hidden 64, 2 layers; vision depth 2, width 32)"
-        setting = mllm.frame_setting_for(processor, V.SETTINGS["official-infer"])
+        setting = make_inputs(model, processor, V.SETTINGS["official-infer"]).setting
         decoding = Decoding(max_new_tokens=args.max_new_tokens)  # greedy (the official config is top_k=1)
 
         # Outputs are compared as generated token ids: both paths decode through tok.decode, which here

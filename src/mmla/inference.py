@@ -283,8 +283,14 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
         sink.write(rec)
         bar.update(1)
 
-    size = len(todo) if not video else max(cfg.batch_size * 4, 16)
-    chunks = [list(range(s, min(s + size, len(todo)))) for s in range(0, len(todo), size)]
+    # video: a first chunk of one batch, so the model starts while the next chunk's clips decode
+    sizes = [len(todo)] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * len(todo)
+    chunks, start = [], 0
+    for size in sizes:
+        if start >= len(todo):
+            break
+        chunks.append(list(range(start, min(start + size, len(todo)))))
+        start += size
     seeds = [row_seed(cfg.seed, e.dataset, e.id) for e in todo]
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
