@@ -178,3 +178,59 @@ def test_empty_input(tiny):
     assert engine.generate(model, tok, []) == []
     assert engine.score(model, tok, [], []) == []
     assert engine.prefill_only(model, tok, []) == 0
+
+
+# ---------------------------------------------------------------- sampling and logits processors
+
+
+def test_greedy_applies_repetition_penalty_like_generate(tiny):
+    model, tok = tiny["qwen2"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": "word " * n}], tokenize=False,
+                                       add_generation_prompt=True) for n in (1, 9, 3, 14)]
+    want = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             repetition_penalty=1.3, pad_token_id=tok.pad_token_id)
+        want.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    got = engine.generate(model, tok, prompts, batch_size=3, decoding=Decoding(max_new_tokens=12,
+                                                                                repetition_penalty=1.3))
+    assert got == want
+    assert got != engine.generate(model, tok, prompts, max_new_tokens=12, batch_size=3)  # the penalty matters
+
+
+def test_sampled_rows_do_not_depend_on_the_batch(tiny):
+    """A row draws from its own generator: the same answer at batch size 1 and 32, in any order of rows."""
+    model, tok = tiny["qwen2"]
+    prompts = [f"question {i}: " + "x " * (i % 7) for i in range(12)]
+    dec = Decoding(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, max_new_tokens=8)
+    seeds = [1000 + i for i in range(12)]
+    one = engine.generate(model, tok, prompts, batch_size=1, decoding=dec, seeds=seeds)
+    many = engine.generate(model, tok, prompts, batch_size=32, decoding=dec, seeds=seeds)
+    order = list(reversed(range(12)))
+    shuffled = engine.generate(model, tok, [prompts[i] for i in order], batch_size=5, decoding=dec,
+                               seeds=[seeds[i] for i in order])
+    assert one == many == [shuffled[order.index(i)] for i in range(12)]
+    assert len(set(one)) > 1
+    assert one != engine.generate(model, tok, prompts, batch_size=4, decoding=dec, seeds=[s + 1 for s in seeds])
+
+
+def test_sampler_first_token_distribution_matches_generate(tiny):
+    """Over 2,000 draws for one prompt, the first sampled token follows generate's distribution (chi-square)."""
+    from scipy.stats import chi2_contingency
+
+    model, tok = tiny["llama"]
+    prompt = "The speaker says: hello"
+    n = 2000
+    dec = Decoding(do_sample=True, temperature=2.0, top_k=8, max_new_tokens=1)
+    ours = engine.generate(model, tok, [prompt] * n, batch_size=250, decoding=dec, seeds=list(range(n)))
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        gen = model.generate(input_ids=ids.expand(n, -1), attention_mask=torch.ones((n, ids.shape[1]), dtype=torch.long),
+                             max_new_tokens=1, do_sample=True, temperature=2.0, top_k=8, pad_token_id=tok.pad_token_id)
+    theirs = [tok.decode(t, skip_special_tokens=True) for t in gen[:, ids.shape[1]:].tolist()]
+    cats = sorted(set(ours) | set(theirs))
+    assert len(cats) >= 4  # a real spread of tokens, not one dominant answer
+    table = [[ours.count(c) for c in cats], [theirs.count(c) for c in cats]]
+    assert chi2_contingency(table).pvalue > 0.01

@@ -79,3 +79,73 @@ def test_embedded_model_score_mode_never_unparsed(tmp_path, data_root):
                                 limit=4, mode="score", protocol="clean", out=str(tmp_path / "s")), progress=False)
     assert all(m["unparsed"] == 0.0 for m in res["per_dataset"].values())
     assert res["average"]["n"] == 12
+
+
+def test_readme_commands_rerun_as_typed(tmp_path, data_root):
+    """The README's predict commands, typed as there (no --max-new-tokens), run twice into the same directory:
+    the second run resumes with nothing to do and ends with the same metrics."""
+    for mode in ("score", "generate"):
+        out = tmp_path / mode
+        cmd = [sys.executable, "-m", "mmla.cli", "predict", "--model", "smollm2-135m", "--data", str(data_root),
+               "--datasets", "MELD,MOSI", "--split", "test", "--limit", "3", "--mode", mode, "--batch-size", "32",
+               "--threads", "2", "--out", str(out)]
+        if mode == "generate":  # the official protocol allows 1024 tokens: keep the run short with the clean one
+            cmd += ["--protocol", "clean"]
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0, first.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr
+        assert "resuming: 6 of 6 done, 0 to go" in again.stderr
+        assert json.loads((out / "metrics.json").read_text()) == metrics
+        assert len(_lines(out / "predictions.jsonl")) == 6
+
+
+def _sampling_model(tiny_llama, tmp_path):
+    """The tiny model with Qwen2-Instruct's shipped sampling settings in its generation config."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    d = tmp_path / "sampling-model"
+    shutil.copytree(tiny_llama, d)
+    gc = GenerationConfig.from_pretrained(d)
+    gc.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    gc.save_pretrained(d)
+    return d
+
+
+def test_sampled_predictions_survive_batching_and_sigkill(tmp_path, tiny_llama, data_root):
+    """The official protocol samples (the checkpoint's settings): a row's K answers are the same at batch size 1
+    and 32 and after a SIGKILL + resume; metrics carry the majority vote and mean +/- std over the draws."""
+    model = _sampling_model(tiny_llama, tmp_path)
+    extra = ("--protocol", "official", "--num-samples", "3", "--seed", "7")
+    runs = {}
+    for batch in (1, 32):
+        out = tmp_path / f"b{batch}"
+        r = subprocess.run(_predict_cmd(model, data_root, out, limit=4, batch=batch, extra=extra),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[batch] = {(j["dataset"], j["id"], j["sample"]): j["output"] for j in map(json.loads,
+                                                                                         _lines(out / "predictions.jsonl"))}
+    assert runs[1] == runs[32] and len(runs[1]) == 36
+    assert len(set(runs[1].values())) > 12  # the draws differ
+    metrics = json.loads((tmp_path / "b32" / "metrics.json").read_text())
+    assert metrics["samples"]["k"] == 3 and set(metrics["samples"]["average"]["ACC"]) == {"mean", "std"}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_predict_cmd(model, data_root, killed, limit=4, batch=2, extra=extra),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    preds = killed / "predictions.jsonl"
+    deadline = time.time() + 300
+    while len(_lines(preds)) < 12 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(_predict_cmd(model, data_root, killed, limit=4, batch=2, extra=extra), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    resumed = {(j["dataset"], j["id"], j["sample"]): j["output"] for j in map(json.loads, _lines(preds))}
+    assert resumed == runs[1]
+    assert json.loads((killed / "metrics.json").read_text()) == metrics

@@ -74,7 +74,7 @@ def cmd_predict(a) -> int:
     cfg = PredictConfig(
         model=a.model, adapter=a.adapter, data=a.data, datasets=[a.datasets], split=a.split, mode=a.mode,
         protocol=a.protocol, family=a.family, limit=a.limit, batch_size=a.batch_size,
-        max_new_tokens=a.max_new_tokens, seed=a.seed, dtype=a.dtype, device=a.device, threads=a.threads,
+        max_new_tokens=a.max_new_tokens, seed=a.seed, num_samples=a.num_samples, dtype=a.dtype, device=a.device, threads=a.threads,
         skip_bad_rows=a.skip_bad_rows, trust_remote_code=a.trust_remote_code, setting=a.setting,
         paper_model=a.paper_model, name=a.name, out=a.out, modality=a.modality, frames=a.frames,
         num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels, no_frame_cache=a.no_frame_cache,
@@ -146,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=_positive_int, help="first N rows of each dataset")
     sp.add_argument("--batch-size", type=_positive_int, default=32)
     sp.add_argument("--max-new-tokens", type=_positive_int)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="sampling: each row's generator is seeded from (seed, "
+                    "dataset, id)")
+    sp.add_argument("--num-samples", type=_positive_int, default=1,
+                    help="sampling: K answers per row; metrics: majority vote, and mean +/- std over the K draws")
     sp.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     sp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     sp.add_argument("--threads", type=_positive_int, help="torch CPU threads")

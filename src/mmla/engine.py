@@ -189,7 +189,7 @@ class _Chooser:
                                                   if getattr(decoding, k) is not None})
         if not decoding.do_sample:  # greedy ignores the checkpoint's sampling settings, as generate does
             gc.temperature = gc.top_p = gc.top_k = gc.min_p = None
-        self.processors = model._get_logits_processor(generation_config=gc, device=model.device)
+        self.processors = model._get_logits_processor(generation_config=gc, input_ids_seq_length=1, device=model.device)
         # Sampling with top_k=1 (Qwen2-VL-Instruct's shipped config) always takes the top token: greedy.
         self.sample = bool(decoding.do_sample) and gc.top_k != 1
         self.history = any(not isinstance(p, _WARPERS) for p in self.processors)

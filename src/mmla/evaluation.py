@@ -93,6 +93,48 @@ def evaluate_records(records: list[dict]) -> dict:
     return {"per_dataset": per, "average": weighted_average(per)}
 
 
+def evaluate_samples(records: list[dict]) -> dict:
+    """Records of K sampled answers per row (field `sample`, 0..K-1): the metrics of each draw, their mean and
+    standard deviation (how far a sampled protocol moves on its own, which a difference from the paper must exceed
+    to mean anything), and the majority vote over the K parsed answers (ties: the answer drawn first) as the main
+    figure. With one sample per row this is `evaluate_records`."""
+    import statistics
+    from collections import Counter
+
+    draws: dict[int, list[dict]] = {}
+    for r in records:
+        draws.setdefault(int(r.get("sample", 0)), []).append(r)
+    if len(draws) < 2:
+        return evaluate_records(records)
+    each = {k: evaluate_records(v) for k, v in sorted(draws.items())}
+    rows: dict[tuple, list[dict]] = {}
+    for k in sorted(draws):
+        for r in draws[k]:
+            rows.setdefault((r["dataset"], r.get("split"), r["id"]), []).append(r)
+    by_ds: dict[str, tuple[list, list]] = {}
+    for (ds, _, _), rs in rows.items():
+        task = get_task(ds)
+        preds = [parse_output(r["output"], task.labels) for r in rs]
+        counts = Counter(preds)
+        g, p = by_ds.setdefault(task.name, ([], []))
+        g.append(normalize_label(rs[0]["label"], task.task))
+        p.append(max(preds, key=lambda x: (counts[x], -preds.index(x))))
+    per = {ds: compute_metrics(g, p, get_task(ds).labels) for ds, (g, p) in by_ds.items()}
+    result = {"per_dataset": per, "average": weighted_average(per)}
+
+    def spread(get) -> dict:
+        vals = [get(res) for res in each.values()]
+        return {m: {"mean": round(statistics.fmean(v[m] for v in vals), 2),
+                    "std": round(statistics.stdev(v[m] for v in vals), 2)} for m in METRICS}
+
+    result["samples"] = {
+        "k": len(each), "vote": "majority of the K parsed answers per row",
+        "average": spread(lambda res: res["average"]),
+        "per_dataset": {ds: spread(lambda res, ds=ds: res["per_dataset"][ds]) for ds in per},
+    }
+    return result
+
+
 def format_table(result: dict, reference: dict[str, float] | None = None) -> str:
     """A readable fixed-width table; `reference` adds a column of paper ACC per dataset."""
     cols = (*METRICS, "unparsed", "n")
@@ -112,4 +154,8 @@ def format_table(result: dict, reference: dict[str, float] | None = None) -> str
             v = reference.get(ds)
             ref = f"{v:>11.2f}" if v is not None else f"{'-':>11}"
         lines.append(f"{ds:<22}{cells}{ref}")
+    if "samples" in result:
+        s = result["samples"]
+        lines.append(f"(majority vote over {s['k']} sampled answers per row; single draws: "
+                     + ", ".join(f"{m} {v['mean']} +/- {v['std']}" for m, v in s["average"].items()) + ")")
     return "\n".join(lines)

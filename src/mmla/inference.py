@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import data as data_mod
 from . import video as video_mod
-from .evaluation import evaluate_records, parse_output
+from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
 from .runs import JsonlAppender, environment, read_config, read_jsonl, write_config, write_json
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
@@ -52,6 +52,7 @@ class PredictConfig:
     batch_size: int = 32
     max_new_tokens: int | None = None  # default: the protocol's
     seed: int = 0  # sampling: row r draws from a generator seeded from (seed, dataset, id)
+    num_samples: int = 1  # sampling: K answers per row; metrics: majority vote, and mean +/- std over the draws
     dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
@@ -66,7 +67,7 @@ class PredictConfig:
 # Settings that change predictions: a run directory refuses to resume under different ones. They are compared as
 # the user gave them (None = the protocol's default), so the same command always resumes.
 _IDENTITY = ("model", "adapter", "split", "mode", "protocol", "family", "modality", "max_new_tokens", "seed", "dtype",
-             "frames", "num_frames", "fps", "max_pixels")
+             "frames", "num_frames", "fps", "max_pixels", "num_samples")
 
 
 def resolve(cfg: PredictConfig) -> PredictConfig:
@@ -98,7 +99,9 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got '{cfg.family}'")
     if cfg.split not in data_mod.SPLITS:
         raise ValueError(f"--split must be one of {', '.join(data_mod.SPLITS)}, got '{cfg.split}'")
-    for key in ("limit", "batch_size", "max_new_tokens", "threads"):
+    if cfg.num_samples > 1 and cfg.mode == "score":
+        raise ValueError("--num-samples draws several generated answers: it needs --mode generate")
+    for key in ("limit", "batch_size", "max_new_tokens", "threads", "num_samples"):
         v = getattr(cfg, key)
         if v is not None and int(v) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {v}")
@@ -132,12 +135,13 @@ def _open_run_dir(cfg: PredictConfig) -> Path:
     return out
 
 
+def key(r: dict) -> tuple:
+    return r["dataset"], r["split"], r["id"], r.get("sample", 0)
+
+
 def dedupe(records: list[dict]) -> list[dict]:
-    """One record per (dataset, split, id): the last one written."""
-    last = {}
-    for r in records:
-        last[(r["dataset"], r["split"], r["id"])] = r
-    return list(last.values())
+    """One record per (dataset, split, id, sample): the last one written."""
+    return list({key(r): r for r in records}.values())
 
 
 def decoding_for(cfg: PredictConfig, model, inputs) -> Decoding:
@@ -154,9 +158,10 @@ def decoding_for(cfg: PredictConfig, model, inputs) -> Decoding:
     return decoding
 
 
-def row_seed(seed: int, dataset: str, id_: str) -> int:
+def row_seed(seed: int, dataset: str, id_: str, sample: int = 0) -> int:
     """A row's sampling seed: the same whatever the batch, the order of rows or a resume."""
-    return int(hashlib.sha256(f"{seed}|{dataset}|{id_}".encode()).hexdigest()[:15], 16)
+    tail = f"|{sample}" if sample else ""
+    return int(hashlib.sha256(f"{seed}|{dataset}|{id_}{tail}".encode()).hexdigest()[:15], 16)
 
 
 def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod.FrameCache | None = None) -> dict:
@@ -170,10 +175,11 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
     done = dedupe(done)
     retry = [r for r in done if r.get("clip_error")]  # clips that failed before are tried again
     done = [r for r in done if not r.get("clip_error")]
-    done_keys = {(r["dataset"], r["split"], r["id"]) for r in done}
-    todo = [e for e in examples if (e.dataset, e.split, e.id) not in done_keys]
+    done_keys = {key(r) for r in done}
+    wanted = [(e, k) for e in examples for k in range(cfg.num_samples)]  # (row, which draw)
+    todo = [(e, k) for e, k in wanted if (e.dataset, e.split, e.id, k) not in done_keys]
     if done_keys or retry:
-        print(f"resuming: {len(examples) - len(todo)} of {len(examples)} done, {len(todo)} to go"
+        print(f"resuming: {len(wanted) - len(todo)} of {len(wanted)} done, {len(todo)} to go"
               f"{f' ({len(retry)} missing clips retried)' if retry else ''} ({pred_path})", file=sys.stderr)
 
     import torch
@@ -196,6 +202,9 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
         inputs = make_inputs(model, tok, setting)
         setting = getattr(inputs, "setting", setting)
         decoding = decoding_for(cfg, model, inputs)
+        if cfg.num_samples > 1 and not decoding.do_sample:
+            raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
+                             f"this model, so every draw would be the same")
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     write_config(out / "config.yaml", {**dataclasses.asdict(cfg),
                                        **({"frame_setting": setting.record()} if setting else {})})
@@ -215,9 +224,9 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
             sink.close()
 
     # ---- save
-    wanted = {(e.dataset, e.split, e.id) for e in examples}
-    records = [r for r in dedupe(read_jsonl(pred_path)[0]) if (r["dataset"], r["split"], r["id"]) in wanted]
-    result = evaluate_records(records)
+    keys = {(e.dataset, e.split, e.id, k) for e, k in wanted}
+    records = [r for r in dedupe(read_jsonl(pred_path)[0]) if key(r) in keys]
+    result = evaluate_samples(records)
     result["skipped_rows"] = len(skipped)
     if video:
         missing = [r for r in records if r.get("clip_error")]
@@ -247,7 +256,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
 
     def prepare(chunk: list[int]) -> dict:
         t0 = time.perf_counter()
-        ex = [todo[i] for i in chunk]
+        ex = [todo[i][0] for i in chunk]
         prompts = [render(e.dataset, cfg.family, e.text, cfg.split, inputs.modality) for e in ex]
         clips, frames, errors = [None] * len(ex), [None] * len(ex), [None] * len(ex)
         if video:
@@ -272,9 +281,10 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
         return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands)
 
     def record(p: dict, j: int, output: str) -> None:
-        e = todo[p["chunk"][j]]
-        rec = {"dataset": e.dataset, "split": e.split, "id": e.id, "text": e.text, "label": e.label,
-               "prompt": p["prompts"][j], "output": output, "pred": parse_output(output, get_task(e.dataset).labels)}
+        e, k = todo[p["chunk"][j]]
+        rec = {"dataset": e.dataset, "split": e.split, "id": e.id, **({"sample": k} if cfg.num_samples > 1 else {}),
+               "text": e.text, "label": e.label, "prompt": p["prompts"][j], "output": output,
+               "pred": parse_output(output, get_task(e.dataset).labels)}
         if video:
             clip = p["clips"][j]
             rec["video"] = clip.record(root) if clip.path is not None else None
@@ -291,7 +301,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
             break
         chunks.append(list(range(start, min(start + size, len(todo)))))
         start += size
-    seeds = [row_seed(cfg.seed, e.dataset, e.id) for e in todo]
+    seeds = [row_seed(cfg.seed, e.dataset, e.id, k) for e, k in todo]
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(prepare, chunks[0])
