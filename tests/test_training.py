@@ -1,5 +1,7 @@
-"""Fine-tuning: config, data, the loss, train/eval/select, merge, SIGKILL + resume, and DDP under torchrun."""
+"""Fine-tuning, text and video through one trainer: config, data, the loss, train/eval/select, merge, SIGKILL +
+resume, DDP under torchrun and accelerate, video LoRA SFT on tiny Qwen2-VL, and `mmla train` rerun as typed."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,18 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from mmla import training
-from mmla.training import IGNORE, Collator, TrainConfig, answer_positions, make_config
+from mmla import trainer, training
+from mmla.config import parse_overrides, read_yaml
+from mmla.runs import read_config
+from mmla.trainer import IGNORE, Collator, answer_positions
+from mmla.training import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli() -> list[str]:
-    """`mmla` once the main CLI registers `train`; until then the same commands from mmla.training."""
-    from mmla import cli
-
-    choices = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
-    return [sys.executable, "-m", "mmla.cli" if "train" in choices else "mmla.training"]
+    return [sys.executable, "-m", "mmla.cli"]
 
 
 def _env():
@@ -72,11 +73,11 @@ def test_config_errors_are_one_line(values, message):
 
 
 def test_overrides_and_yaml(tmp_path):
-    assert training.parse_overrides(["a=1", "b=x=y"]) == {"a": "1", "b": "x=y"}
+    assert parse_overrides(["a=1", "b=x=y"]) == {"a": "1", "b": "x=y"}
     with pytest.raises(ValueError, match="not key=value"):
-        training.parse_overrides(["oops"])
+        parse_overrides(["oops"])
     (tmp_path / "c.yaml").write_text("preset: fast\nnum_epochs: 3\n")
-    cfg = make_config({**training.read_yaml(tmp_path / "c.yaml"), "datasets": "MOSI"})
+    cfg = make_config({**read_yaml(tmp_path / "c.yaml"), "datasets": "MOSI"})
     assert (cfg.preset, cfg.num_epochs, cfg.per_device_batch_size) == ("fast", 3.0, 4)
 
 
@@ -85,15 +86,17 @@ def test_overrides_and_yaml(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
+    from mmla.inputs import make_inputs
     from mmla.models import load_model
 
-    return load_model(str(tiny_llama), dtype="float32", device="cpu")
+    model, tok = load_model(str(tiny_llama), dtype="float32", device="cpu")
+    return model, tok, make_inputs(model, tok)
 
 
 def test_training_example_masks_the_prompt(tiny, data_root):
-    _, tok = tiny
+    _, tok, inputs = tiny
     cfg = make_config({"data": str(data_root), "datasets": "MIntRec"})
-    split = training.build_split(cfg, tok, ["MIntRec"], "train", 3)
+    split = training.build_split(cfg, inputs, ["MIntRec"], "train", 3)
     item, ex = split.items[0], split.examples[0]
     answer = [t for t in item["labels"] if t != IGNORE]
     n_prompt = len(item["labels"]) - len(answer)
@@ -103,7 +106,7 @@ def test_training_example_masks_the_prompt(tiny, data_root):
     prompt = tok.decode(item["input_ids"][:n_prompt])
     assert prompt.endswith("<|im_start|>assistant\n") and "The speaker says: " + ex.text in prompt
     # cutoff keeps the answer and cuts the prompt
-    cut, truncated = training.encode(tok, "word " * 50, "intent: Praise<|im_end|>", cutoff=20)
+    cut, truncated = inputs.train_item("word " * 50, "intent: Praise<|im_end|>", cutoff=20)
     assert truncated and len(cut["input_ids"]) == 20 and cut["labels"][-len(answer):] != [IGNORE] * len(answer)
 
 
@@ -111,9 +114,9 @@ def test_every_batching_with_answer_only_logits_gives_the_official_loss(tiny, da
     import torch
     import torch.nn.functional as F
 
-    model, tok = tiny
+    model, tok, inputs = tiny
     cfg = make_config({"data": str(data_root), "datasets": "MELD"})
-    items = training.build_split(cfg, tok, ["MELD"], "train", 4).items
+    items = training.build_split(cfg, inputs, ["MELD"], "train", 4).items
     n = sum(sum(t != IGNORE for t in it["labels"]) for it in items)
     with torch.no_grad():
         # official: one example per micro-batch, full-vocabulary logits, the model's own loss
@@ -150,7 +153,7 @@ def test_bf16_frozen_matmuls_keep_fp32_elsewhere(tiny_llama):
     from mmla.models import load_model
 
     model, _ = load_model(str(tiny_llama), dtype="float32", device="cpu")
-    n = training.bf16_frozen_matmuls(model)
+    n = trainer.bf16_frozen_matmuls(model)
     assert n == 2 * 7  # 7 projections per layer, the output layer left alone
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
@@ -188,12 +191,12 @@ def test_train_writes_adapter_logs_and_records(trained):
     assert best["metric"] == "eval_gen_accuracy"
     assert best["value"] == max(r["eval_gen_accuracy"] for r in evals)
     assert result["MUStARD"]["best"]["step"] == best["step"]
-    cfg = training.read_config(out / "config.yaml")
+    cfg = read_config(out / "config.yaml")
     assert cfg["preset"] == "fast" and cfg["datasets"] == ["MUStARD"] and cfg["learning_rate"] == 3e-3
     env = json.loads((out / "env.json").read_text())
     assert env["train_rows"] == 32 and env["dev_rows"] == 8 and env["packages"]["peft"]
     # a second call finds the finished run and does not train again
-    again = training.train(make_config({**cfg, "out": str(out)}), progress=False)
+    again = training.train(make_config({**cfg, "out": str(out)}), progress=False)  # config.yaml as the config
     assert again["MUStARD"]["steps"] == 6 and len(_log(out)) == len(log)
 
 
@@ -226,7 +229,7 @@ def test_it_reports_datasets_without_train_split(tiny_llama, data_root, tmp_path
     assert len(result["it"]["datasets"]) == 10
     assert json.loads((tmp_path / "it" / "env.json").read_text())["train_rows"] == 10
     with pytest.raises(ValueError, match="has a train split"):
-        training.train(make_config({**vars(cfg), "datasets": ["UR-FUNNY"], "setting": "sft"}), progress=False)
+        training.train(dataclasses.replace(cfg, datasets=["UR-FUNNY"], setting="sft"), progress=False)
 
 
 # ---------------------------------------------------------------- processes
@@ -243,12 +246,12 @@ def test_sigkill_then_resume_from_last_checkpoint(tiny_llama, data_root, tmp_pat
     proc = subprocess.Popen(_train_cmd(tiny_llama, data_root, out), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while training.last_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
+    while trainer.last_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    ckpt = training.last_checkpoint(out / "checkpoints")
+    ckpt = trainer.last_checkpoint(out / "checkpoints")
     step = int(ckpt.name.split("-")[1])
     assert step < 12 and not (out / "train_result.json").exists()
 
