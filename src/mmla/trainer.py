@@ -342,7 +342,7 @@ def trainer_classes():
                 rec = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
                 if self.bar is not None:
                     self.bar.write(f"step {state.global_step}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in rec.items() if k.endswith("accuracy")))
+                        f"{k} {v:.4f}" for k, v in rec.items() if k.endswith("accuracy")), file=sys.stderr)
             else:
                 return
             if state.is_world_process_zero:
