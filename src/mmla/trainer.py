@@ -91,6 +91,36 @@ def answer_positions(labels):
     return keep
 
 
+class VideoItems:
+    """Video training items built when the Trainer asks: frames from the frame cache, then the seam's
+    train_item (input_ids, labels, per-token extras, media tensors)."""
+
+    def __init__(self, inputs, rows: list[tuple], cutoff: int, cache: video_mod.FrameCache):
+        self.inputs, self.rows, self.cutoff, self.cache = inputs, rows, cutoff, cache
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        path, chat, answer = self.rows[i]
+        try:
+            frames = video_mod.load_frames(path, self.inputs.setting, self.cache)
+        except video_mod.ClipError as e:  # changed on disk since the split was built
+            raise ValueError(f"{path}: {e} (mmla check-data --full lists such clips)") from None
+        return self.inputs.train_item(chat, answer, self.cutoff, frames)[0]
+
+
+def precision_for(cfg, device) -> str:
+    """The precision a run uses: `precision`, or for auto bf16 on a bf16 GPU, else fp32 (paper) or mixed (fast)."""
+    import torch
+
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "mixed" if cfg.preset == "fast" else "fp32"
+
+
 # ---------------------------------------------------------------- dev evaluation
 
 

@@ -55,8 +55,8 @@ from .config import coerce, parse_overrides, read_yaml
 from .prompts import PROTOCOLS, render, target
 from .runs import environment, read_config, read_jsonl, write_config, write_json
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
-from .trainer import Collator, DevEval, Run, bf16_frozen_matmuls, is_main, last_checkpoint, say, save_adapter, \
-    trainer_classes
+from .trainer import Collator, DevEval, Run, VideoItems, bf16_frozen_matmuls, is_main, last_checkpoint, \
+    precision_for, say, save_adapter, trainer_classes
 
 SETTINGS = ("sft", "it")
 PRESET_NAMES = ("paper", "fast")
@@ -339,25 +339,6 @@ class Split:
     missing: list = field(default_factory=list)  # video: {dataset, id, error} of the rows left out
 
 
-class VideoItems:
-    """Video training items built when the Trainer asks: frames from the frame cache, then the seam's
-    train_item (input_ids, labels, per-token extras, media tensors)."""
-
-    def __init__(self, inputs, rows: list[tuple], cutoff: int, cache: video_mod.FrameCache):
-        self.inputs, self.rows, self.cutoff, self.cache = inputs, rows, cutoff, cache
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        path, chat, answer = self.rows[i]
-        try:
-            frames = video_mod.load_frames(path, self.inputs.setting, self.cache)
-        except video_mod.ClipError as e:  # changed on disk since the split was built
-            raise ValueError(f"{path}: {e} (mmla check-data --full lists such clips)") from None
-        return self.inputs.train_item(chat, answer, self.cutoff, frames)[0]
-
-
 def build_split(cfg: TrainConfig, inputs, datasets: list[str], split: str, limit: int | None,
                 subset: bool = False, cache: video_mod.FrameCache | None = None) -> Split:
     """The rows of `split` as training items through the seam `inputs`. Video: each clip is decoded now (into the
@@ -405,16 +386,6 @@ def build_split(cfg: TrainConfig, inputs, datasets: list[str], split: str, limit
 # ---------------------------------------------------------------- train
 
 
-def _precision(cfg: TrainConfig, device) -> str:
-    import torch
-
-    if cfg.precision != "auto":
-        return cfg.precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "mixed" if cfg.preset == "fast" else "fp32"
-
-
 def _record(cfg: TrainConfig, datasets: list[str]) -> dict:
     return {**dataclasses.asdict(cfg), "datasets": datasets}
 
@@ -453,7 +424,7 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    precision = _precision(cfg, device)
+    precision = precision_for(cfg, device)
     video = cfg.modality == "video"
     if model is None:
         model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
