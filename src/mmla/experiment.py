@@ -1,4 +1,5 @@
-"""`mmla run CONFIG.yaml [key=value ...]`: one model's whole experiment, stage by stage, then one results table.
+"""`mmla run CONFIG.yaml [key=value ...]`: one model's whole experiment, text or video, stage by stage, then one
+results table.
 
 Stages (each in its own directory under `out`, each resumable, each skipped once its `stage.done` marker exists):
   zero-shot   predict on the test splits                                   -> <out>/zero-shot/
@@ -11,9 +12,14 @@ Stages (each in its own directory under `out`, each resumable, each skipped once
 <out>/zero-shot, <out>/sft and <out>/it are run directories for `mmla report` (config.yaml with `setting` and
 `paper_model`, predictions.jsonl, metrics.json and, for trained settings, train_log.jsonl).
 
+Text and video experiments are the same stages through the same predict loop (mmla.inference) and trainer
+(mmla.training): the modality comes from the model, or from `predict.modality` (which training follows unless
+`train.modality` says otherwise). For a video model, `datasets: all` means the 9 datasets with released videos.
+
 Config keys (ExperimentConfig below); the sections `predict` (PredictConfig keys, for every test evaluation),
 `zero_shot` (PredictConfig keys for that stage only), `train` (TrainConfig keys for SFT and IT), `sft` and `it`
-(TrainConfig keys for one setting). Overrides use dotted keys: `train.preset=fast`, `predict.limit=20`.
+(TrainConfig keys for one setting; their `datasets` is what is trained on). Section keys are checked and typed when
+the file is read. Overrides use dotted keys: `train.preset=fast`, `predict.limit=20`.
 A stage whose config changed since its marker was written stops with an error (use another `out`).
 """
 
@@ -26,12 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as data_mod
+from .config import build, coerce, parse_overrides, read_yaml
+from .inference import PredictConfig, dedupe, predict
 from .runs import read_config, read_jsonl, write_config, write_json
-from .tasks import parse_datasets
-from .training import coerce, make_config, parse_overrides, read_yaml, train
+from .tasks import VIDEO_DATASETS, parse_datasets
+from .training import TrainConfig, make_config, model_info, train
 
 STAGES = ("zero-shot", "sft", "it")
-SECTIONS = ("predict", "zero_shot", "train", "sft", "it")
+SECTIONS = {"predict": PredictConfig, "zero_shot": PredictConfig, "train": TrainConfig, "sft": TrainConfig,
+            "it": TrainConfig}
 
 
 @dataclass
@@ -65,8 +74,11 @@ def load_experiment(path: str, overrides: list[str] = ()) -> ExperimentConfig:
     for key, value in raw.items():
         if key in SECTIONS:
             if value is not None and not isinstance(value, dict):
-                raise ValueError(f"config section '{key}' must be a mapping")
-            values[key] = dict(value or {})
+                raise ValueError(f"{path}: config section '{key}' must be a mapping")
+            try:  # typed now, so that a typo fails before any stage runs
+                values[key] = {k: coerce(SECTIONS[key], k, v) for k, v in (value or {}).items()}
+            except ValueError as e:
+                raise ValueError(f"{path}: {key}: {e}") from None
         else:
             values[key] = coerce(ExperimentConfig, key, value)
     cfg = ExperimentConfig(**values)
@@ -105,28 +117,29 @@ class Stage:
 
 def _predict(cfg: ExperimentConfig, out: Path, setting: str, datasets: list[str], progress: bool,
              adapter: str | None = None, extra: dict | None = None) -> dict:
-    from .inference import PredictConfig, predict
-
     values = {"model": cfg.model, "data": cfg.data, "datasets": datasets, "setting": setting,
               "paper_model": cfg.paper_model, "name": f"{cfg.name} {setting}", "out": str(out), "adapter": adapter,
               **cfg.predict, **(extra or {})}
-    pc = PredictConfig(**{k: coerce(PredictConfig, k, v) for k, v in values.items()})
-    return predict(pc, progress=progress)
-
-
-def _trainer(cfg: ExperimentConfig):
-    """(make_config, train) of the text trainer, or of the video one (mmla.mllm) for video experiments."""
-    if str(cfg.predict.get("modality", "text")) == "video":
-        from .mllm import make_train_config, train_video
-
-        return make_train_config, train_video
-    return make_config, train
+    return predict(build(PredictConfig, values), progress=progress)
 
 
 def _train_values(cfg: ExperimentConfig, setting: str, out: Path, datasets) -> dict:
     section = cfg.sft if setting == "sft" else cfg.it
-    return {"model": cfg.model, "data": cfg.data, "datasets": datasets, "setting": setting, "out": str(out),
-            **cfg.train, **{k: v for k, v in section.items() if k != "datasets"}}
+    values = {"model": cfg.model, "data": cfg.data, "datasets": datasets, "setting": setting, "out": str(out),
+              **cfg.train, **{k: v for k, v in section.items() if k != "datasets"}}
+    if "modality" not in values and cfg.predict.get("modality", "auto") != "auto":
+        values["modality"] = cfg.predict["modality"]  # the experiment's modality, as its test evaluations
+    return values
+
+
+def _for_modality(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A video experiment over `datasets: all` evaluates the 9 datasets with released videos."""
+    modality = cfg.predict.get("modality", "auto")
+    if set(cfg.datasets) != set(parse_datasets("all")):
+        return cfg
+    if model_info(cfg.model, modality, bool(cfg.predict.get("trust_remote_code", False)))[0] != "video":
+        return cfg
+    return dataclasses.replace(cfg, datasets=list(VIDEO_DATASETS))
 
 
 def run_zero_shot(cfg: ExperimentConfig, progress: bool) -> dict:
@@ -146,11 +159,13 @@ def _combine(out: Path, parts: dict[str, Path], train_dirs: dict[str, Path], con
     from .evaluation import evaluate_records
 
     out.mkdir(parents=True, exist_ok=True)
-    records = [r for p in parts.values() for r in read_jsonl(p / "predictions.jsonl")[0]]
+    records = [r for p in parts.values() for r in dedupe(read_jsonl(p / "predictions.jsonl")[0])]
     (out / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     logs = [{"dataset": ds, **r} for ds, d in train_dirs.items() for r in read_jsonl(d / "train_log.jsonl")[0]]
     (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logs))
     result = evaluate_records(records)
+    if config.get("modality") == "video":
+        result["missing_clips"] = sum(bool(r.get("clip_error")) for r in records)
     write_json(out / "metrics.json", result)
     write_config(out / "config.yaml", config)
     first = next(iter(parts.values()))
@@ -178,8 +193,7 @@ def run_sft(cfg: ExperimentConfig, progress: bool) -> dict:
     for i, ds in enumerate(have, 1):
         tdir, pdir = out / "sft-train" / ds, out / "sft-test" / ds
         _say(f"sft {i}/{len(have)}: {ds}: train -> {tdir}")
-        mk, tr = _trainer(cfg)
-        tr(mk(_train_values(cfg, "sft", tdir, [ds])), progress=progress)
+        train(make_config(_train_values(cfg, "sft", tdir, [ds])), progress=progress)
         _say(f"sft {i}/{len(have)}: {ds}: test -> {pdir}")
         _predict(cfg, pdir, "sft", [ds], progress, adapter=str(tdir / "adapter"))
         parts[ds], train_dirs[ds], adapters[ds] = pdir, tdir, str(tdir / "adapter")
@@ -201,8 +215,7 @@ def run_it(cfg: ExperimentConfig, progress: bool) -> dict:
         return rec["summary"]
     tdir = out / "it-train"
     _say(f"it: train one adapter on the train splits of {train_sets} -> {tdir}")
-    mk, tr = _trainer(cfg)
-    summary = tr(mk(_train_values(cfg, "it", tdir, train_sets)), progress=progress)["it"]
+    summary = train(make_config(_train_values(cfg, "it", tdir, train_sets)), progress=progress)["it"]
     _say(f"it: test on {len(cfg.datasets)} test sets -> {out / 'it'}")
     result = _predict(cfg, out / "it", "it", cfg.datasets, progress, adapter=str(tdir / "adapter"))
     log = tdir / "train_log.jsonl"
@@ -254,6 +267,7 @@ def results_table(cfg: ExperimentConfig, results: dict[str, dict]) -> tuple[str,
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> str:
+    cfg = _for_modality(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_config(out / "experiment.yaml", dataclasses.asdict(cfg))

@@ -1,57 +1,66 @@
-"""LoRA fine-tuning: SFT (one adapter per dataset) and IT (one adapter on the union of the train splits).
+"""LoRA fine-tuning of text and video models: SFT (one adapter per dataset) and IT (one adapter on the union of
+the train splits). One trainer: everything that differs between text and video goes through the model's input seam
+(mmla.inputs); the loop's parts (collator, dev evaluation, Trainer subclass, adapter saving) are in mmla.trainer.
 
 The recipe, as the official LLaMA-Factory runs it (../shared/PROTOCOL.md, "Fine-tuning"):
 
-config  YAML -> `TrainConfig` (a dataclass), then the preset (`paper` | `fast`) for the setting (sft | it),
-        then key=value overrides; the resolved config is written to <out>/config.yaml beside env.json.
+config  YAML -> `TrainConfig` (a dataclass), then the preset (`paper` | `fast`) for the setting (sft | it) and the
+        modality (from the model, or `modality`), then key=value overrides; the resolved config is written to
+        <out>/config.yaml beside env.json.
 data    each train row becomes <chat template(prompt)> + <answer><end of turn>, with the prompt in the
-        `llamafactory_text` family (or `clean`) and the released answer string ("emotion: sadness");
-        the chat wrapping is the official training template's (`chat_messages(..., training=True)`);
-        prompt tokens are masked from the loss (labels -100), cut at `cutoff_len` tokens.
+        `llamafactory_text` family (video: `llamafactory_video`, the clip where its "<video>" tag is) and the
+        released answer string ("emotion: sadness"); the chat wrapping is the official training template's;
+        prompt tokens (and vision tokens) are masked from the loss (labels -100), cut at `cutoff_len` tokens.
+        Video: the frames of the family's training setting (Qwen2-VL: `official-train`), decoded once into the frame
+        cache; a row whose clip is missing or unreadable is left out and counted; items are built when the Trainer
+        asks for them, so only one micro-batch of frames is in memory. LoRA on the language model's linear layers
+        only for video (vision tower and projector frozen), on every linear layer for text.
 train   a transformers `Trainer` subclass: DDP under torchrun / accelerate launch, gradient accumulation with
         the loss normalised over all answer tokens of the optimiser step, cosine schedule, checkpoints for
         resuming (<out>/checkpoints), a tqdm bar with loss and tokens/s, <out>/train_log.jsonl.
 select  every `eval_steps`: the official teacher-forced answer accuracy on dev (`eval_accuracy`, LLaMA-Factory
         compute_accuracy) and the real classification accuracy (`eval_gen_accuracy`: score or generate + the
         official parser, inference prompt family); the best by `select_metric` is kept as <out>/adapter.
+A finished run (train_result.json) is reused only under the same identity config; another one is refused.
 
-Presets. `paper` is the official configuration (SFT: lr 5e-5, 8 epochs, batch 1 x accumulation 4, LoRA r16/a32;
-IT: lr 1e-4, batch 2 x 4, LoRA r8/a16; cosine, no warmup, grad norm 1.0, cutoff 1024, bf16 where available).
-`fast` is the same optimisation executed faster: the effective batch in one micro-batch (the same examples in
-every optimiser step, right padding without an attention mask so that SDPA runs its causal kernel), logits only
-at the answer positions (the body's hidden states are projected by lm_head only where the loss reads them:
-`logits_to_keep` with a boolean mask, never a full-vocabulary tensor for the prompt) and bf16 matmuls (bf16 on a
-GPU as the paper; on a CPU `mixed`: bf16 frozen matmuls with fp32 outputs, which keeps the fp32 loss curve).
-Because the Trainer normalises the loss by the number of answer tokens of the whole optimiser step, 4
-micro-batches of 1 and 1 micro-batch of 4 give the same update (tests/test_training.py checks both).
-`batching=packed` (padding-free rows) and `group_by_length=true` are there for large batches.
+Presets. Text: `paper` is the official configuration (SFT: lr 5e-5, 8 epochs, batch 1 x accumulation 4, LoRA
+r16/a32; IT: lr 1e-4, batch 2 x 4, LoRA r8/a16; cosine, no warmup, grad norm 1.0, cutoff 1024, bf16 where
+available). `fast` is the same optimisation executed faster: the effective batch in one micro-batch (the same
+examples in every optimiser step, right padding without an attention mask so that SDPA runs its causal kernel),
+logits only at the answer positions (`logits_to_keep` with a boolean mask, never a full-vocabulary tensor for the
+prompt) and bf16 matmuls (bf16 on a GPU as the paper; on a CPU `mixed`: bf16 frozen matmuls with fp32 outputs,
+which keeps the fp32 loss curve). Because the Trainer normalises the loss by the number of answer tokens of the
+whole optimiser step, 4 micro-batches of 1 and 1 micro-batch of 4 give the same update (tests check both).
+Video: a model whose family (mmla.models.FAMILIES) names a `paper_preset` gets that table under `paper`, per
+dataset for SFT (Qwen2-VL-7B: the official yamls' lr / epochs / warmup / batch x accumulation; LoRA r8/a16), except
+the keys the user set; `fast` adds answer-only logits (and `mixed` on a CPU) but keeps the micro-batches, whose
+frames are what fills memory. A video model without a table gets the text presets (`paper_table=NAME` picks one).
+`batching=packed` (padding-free rows, text only) and `group_by_length=true` are there for large batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
-import shutil
-import sys
 import time
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from . import data as data_mod
-from .prompts import PROTOCOLS, chat_messages, model_kind, render, target
+from . import video as video_mod
+from .config import coerce, parse_overrides, read_yaml
+from .prompts import PROTOCOLS, render, target
 from .runs import environment, read_config, read_jsonl, write_config, write_json
-from .tasks import FAMILIES, get_task, parse_datasets
+from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
+from .trainer import Collator, DevEval, Run, VideoItems, bf16_frozen_matmuls, is_main, last_checkpoint, \
+    precision_for, say, save_adapter, trainer_classes
 
-IGNORE = -100
 SETTINGS = ("sft", "it")
 PRESET_NAMES = ("paper", "fast")
+MODALITIES = ("auto", "text", "video")
 EVAL_GEN = ("score", "generate", "none")
 SELECT = ("eval_accuracy", "eval_gen_accuracy")
 PRECISIONS = ("auto", "fp32", "bf16", "mixed")
@@ -63,13 +72,21 @@ class TrainConfig:
     # what to train
     model: str = "smollm2-135m"  # HF id, local path or alias
     data: str | None = None  # data root (default: $MMLA_DATA, else ./data/mmla)
-    datasets: list[str] = field(default_factory=lambda: ["all"])
-    setting: str = "auto"  # sft (one adapter per dataset) | it (one adapter on all) | auto: it for "all"
+    datasets: list[str] = field(default_factory=lambda: ["all"])  # video: all = the 9 with released videos
+    setting: str = "auto"  # sft (one adapter per dataset) | it (one adapter on all) | auto: it for all / video
     preset: str = "paper"  # paper | fast
     out: str = "runs/train"
-    family: str = "llamafactory_text"  # training prompts: llamafactory_text (faithful) | clean
+    modality: str = "auto"  # auto: video for a vision-language model (mmla.models.modality_of), else text
+    family: str | None = None  # training prompts: llamafactory_text / llamafactory_video (faithful) | clean
     protocol: str = "official"  # chat wrapping: official training template | clean (tokenizer's own)
     limit: int | None = None  # first N train rows per dataset (quick runs)
+    # video frames (default: the model family's training setting, e.g. official-train)
+    frames: str | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    max_pixels: int | None = None
+    no_frame_cache: bool = False  # decode every clip again
+    paper_table: str | None = None  # video: the per-dataset table `paper` applies (default: the model family's)
     # optimisation (the preset sets these)
     learning_rate: float = 5e-5
     num_epochs: float = 8.0
@@ -87,7 +104,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target: str = "all-linear"  # every linear layer but the output layer (LLaMA-Factory `all`)
+    lora_target: str | None = None  # default: the seam's (text: all-linear; video: the language model's linears)
     # execution (the preset sets these)
     # fp32 | bf16: bf16 weights + autocast, LoRA weights fp32 (LLaMA-Factory's bf16) | mixed: the frozen matmuls in
     # bf16 with fp32 outputs, all else fp32 (the fp32 loss curve at bf16 matmul speed, for CPUs with bf16 units)
@@ -107,16 +124,17 @@ class TrainConfig:
     eval_steps: int = 20  # 0: no dev evaluation (the final adapter is kept)
     eval_limit: int | None = None  # dev rows per dataset (a seeded random subset)
     eval_gen: str = "score"  # real classification accuracy by: score | generate (+ official parser) | none
-    eval_family: str | None = None  # its prompts (default: infer_script when training on llamafactory_text)
+    eval_family: str | None = None  # its prompts (default: infer_script when training on llamafactory_*)
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 16
     select_metric: str = "eval_accuracy"  # eval_accuracy (official) | eval_gen_accuracy
     save_steps: int = 10  # resume checkpoints
     save_total_limit: int = 2
     logging_steps: int = 1
+    explicit: list[str] = field(default_factory=list)  # set by make_config: the keys the user gave (kept per dataset)
 
 
-# Each preset per setting; everything else comes from the dataclass defaults, then YAML, then key=value.
+# Text: each preset per setting; everything else comes from the dataclass defaults, then YAML, then key=value.
 _PAPER = dict(lr_scheduler="cosine", warmup_ratio=0.0, max_grad_norm=1.0, cutoff_len=1024, num_epochs=8.0,
               lora_dropout=0.0, precision="auto", batching="padded", answer_logits_only=False, eval_steps=20,
               save_steps=10)
@@ -130,77 +148,43 @@ _FAST = dict(batching="causal", answer_logits_only=True, precision="auto")
 PRESETS[("fast", "sft")] = dict(PRESETS[("paper", "sft")], **_FAST, per_device_batch_size=4, gradient_accumulation_steps=1)
 PRESETS[("fast", "it")] = dict(PRESETS[("paper", "it")], **_FAST, per_device_batch_size=8, gradient_accumulation_steps=1)
 
-# Settings that change the trained weights: a run directory refuses to resume under different ones.
-_IDENTITY = ("model", "datasets", "setting", "family", "protocol", "limit", "learning_rate", "num_epochs", "max_steps",
-             "per_device_batch_size", "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "weight_decay",
-             "optim", "cutoff_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_target")
+# Video: the paper's per-dataset tables, keyed by the name a model family gives as `paper_preset`.
+# Qwen2-VL-7B, the official LLaMA-Factory yamls (../shared/paper/hyperparams.md section 2.5): per dataset for SFT
+# and once for IT (IT/train_lora/Instruct_Qwen2-VL-7B-Instruct.yaml): learning rate, epochs, warmup ratio,
+# per-device batch, gradient accumulation; dev evaluation and checkpoints every 5 (SFT) / 10 (IT) steps.
+VIDEO_PRESETS = {
+    "qwen2-vl-7b": {
+        "sft": {
+            "MIntRec": (1.1e-4, 60, 0.1, 8, 4),
+            "MIntRec2.0": (1.2e-4, 30, 0.3, 16, 8),
+            "MELD": (1.1e-4, 30, 0.1, 16, 8),
+            "IEMOCAP": (1.0e-4, 15, 0.2, 2, 4),
+            "MELD-DA": (3.0e-4, 50, 0.1, 12, 4),
+            "IEMOCAP-DA": (3.0e-4, 50, 0.1, 12, 4),
+            "MOSI": (1.0e-4, 20, 0.1, 8, 4),
+            "Ch-sims": (1.1e-4, 30, 0.1, 12, 4),
+            "UR-FUNNY": (1.0e-3, 10, 0.2, 12, 6),
+            "MUStARD": (1.0e-3, 10, 0.2, 2, 2),
+            "AnnoMi-client": (1.0e-3, 10, 0.2, 8, 4),
+            "AnnoMi-therapist": (1.0e-3, 10, 0.2, 8, 4),
+        },
+        "it": (1.0e-4, 5, 0.3, 8, 4),
+        "eval_steps": {"sft": 5, "it": 10},
+    },
+}
+_VIDEO_COMMON = dict(lr_scheduler="cosine", lora_rank=8, lora_alpha=16, lora_dropout=0.0, cutoff_len=1024,
+                     max_grad_norm=1.0, weight_decay=0.0, precision="auto", batching="padded",
+                     answer_logits_only=False)
+
+# Settings that change the trained weights: a run directory refuses to resume (or to be reused) under different
+# ones. They are compared as the user gave them (None = the default), so the same command always resumes.
+_IDENTITY = ("model", "datasets", "setting", "modality", "family", "protocol", "limit", "frames", "num_frames", "fps",
+             "max_pixels", "learning_rate", "num_epochs", "max_steps", "per_device_batch_size",
+             "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "cutoff_len",
+             "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_target")
 
 
 # ---------------------------------------------------------------- config
-
-
-def coerce(cls, key: str, value):
-    """`value` (from YAML or a key=value string) as the type of `cls`'s field `key`; errors are one line."""
-    hints = typing.get_type_hints(cls)
-    if key not in hints:
-        known = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ValueError(f"unknown config key '{key}' (known: {known})")
-    hint = hints[key]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    base = typing.get_origin(hint) if typing.get_origin(hint) is list else (args[0] if optional else hint)
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
-        if optional:
-            return None
-        raise ValueError(f"config key '{key}' cannot be empty")
-    try:
-        if base is list:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return [str(v).strip() for v in items if str(v).strip()]
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("true", "yes", "1", "on"):
-                return True
-            if s in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
-        if base is int:
-            f = float(value)
-            if f != int(f):
-                raise ValueError
-            return int(f)
-        if base is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        name = getattr(base, "__name__", str(base))
-        raise ValueError(f"config key '{key}' expects {name}, got {value!r}") from None
-
-
-def parse_overrides(items: typing.Iterable[str]) -> dict:
-    """['lr=1e-4', 'eval.limit=3'] -> {'lr': '1e-4', 'eval.limit': '3'} (values stay strings; coerce types them)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override '{item}' is not key=value")
-        out[key.strip()] = value
-    return out
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{p}: config file not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{p}: expected a mapping of config keys")
-    return raw
 
 
 def setting_of(datasets, setting: str = "auto") -> str:
@@ -209,33 +193,104 @@ def setting_of(datasets, setting: str = "auto") -> str:
     if setting != "auto":
         raise ValueError(f"setting must be one of auto, {', '.join(SETTINGS)}, got '{setting}'")
     spec = datasets[0] if isinstance(datasets, (list, tuple)) and len(datasets) == 1 else datasets
-    return "it" if spec == "all" else "sft"
+    return "it" if spec in ("all", "video") else "sft"
+
+
+def model_info(model: str, modality: str = "auto", trust_remote_code: bool = False) -> tuple[str, dict]:
+    """(modality, the model family's row of mmla.models.FAMILIES) for a model; errors are one line."""
+    from .models import family_of, read_config as model_config, takes_images
+
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got '{modality}'")
+    if modality == "text" or (modality == "auto" and str(model) == "smollm2-135m"):
+        return "text", {}
+    config = model_config(model, trust_remote_code)
+    if not takes_images(config):
+        if modality == "video":
+            raise ValueError(f"model '{model}' is a {config.model_type} text model: it cannot take video "
+                             f"(use modality=text)")
+        return "text", {}
+    return "video", family_of(config)
+
+
+def _preset_values(cfg_preset: str, setting: str, modality: str, table: str | None, dataset: str | None) -> dict:
+    if modality != "video" or table is None:
+        return dict(PRESETS[(cfg_preset, setting)])
+    if table not in VIDEO_PRESETS:
+        raise ValueError(f"paper_table must be one of {', '.join(VIDEO_PRESETS)}, got '{table}'")
+    t = VIDEO_PRESETS[table]
+    if setting == "it":
+        row = t["it"]
+    else:
+        name = get_task(dataset).name
+        if name not in t["sft"]:
+            raise ValueError(f"the {table} table has no SFT row for '{name}'")
+        row = t["sft"][name]
+    lr, epochs, warmup, batch, accumulation = row
+    values = dict(_VIDEO_COMMON, learning_rate=lr, num_epochs=float(epochs), warmup_ratio=warmup,
+                  per_device_batch_size=batch, gradient_accumulation_steps=accumulation,
+                  eval_steps=t["eval_steps"][setting], save_steps=t["eval_steps"][setting])
+    if cfg_preset == "fast":
+        values["answer_logits_only"] = True
+    return values
 
 
 def make_config(values: dict | None = None) -> TrainConfig:
-    """defaults < preset (for the setting) < `values` (YAML keys, CLI flags and key=value, already merged)."""
-    values = dict(values or {})
+    """defaults < preset (for the setting, the modality and, for video SFT, the dataset) < `values` (YAML keys, CLI
+    flags and key=value, already merged, or a run's config.yaml)."""
+    # a recorded config.yaml may come back as values: what mmla itself added to it is not a setting
+    values = {k: v for k, v in (values or {}).items() if k not in ("explicit", "frame_setting")}
     typed = {k: coerce(TrainConfig, k, v) for k, v in values.items()}
     preset = typed.get("preset", TrainConfig.preset)
     if preset not in PRESET_NAMES:
         raise ValueError(f"preset must be one of {', '.join(PRESET_NAMES)}, got '{preset}'")
-    setting = setting_of(typed.get("datasets", ["all"]), typed.get("setting", "auto"))
-    cfg = TrainConfig(**{**PRESETS[(preset, setting)], **typed})
-    cfg.setting = setting
+    modality, family = model_info(typed.get("model", TrainConfig.model), typed.get("modality", "auto"),
+                                  typed.get("trust_remote_code", False))
+    spec = typed.get("datasets", ["all"])
+    setting = setting_of(spec, typed.get("setting", "auto"))
+    table = typed.get("paper_table") or (family.get("paper_preset") if modality == "video" else None)
+    first = _parse(spec, modality)[0]
+    cfg = TrainConfig(**{**_preset_values(preset, setting, modality, table, first), **typed})
+    cfg.setting, cfg.modality, cfg.paper_table, cfg.explicit = setting, modality, table, sorted(typed)
+    if modality == "video" and cfg.frames is None:
+        cfg.frames = family.get("train_frames", "official-train")
     return validate(cfg)
 
 
+def with_preset(cfg: TrainConfig, dataset: str) -> TrainConfig:
+    """cfg with the video paper table's row of `dataset` (SFT), except the keys the user set; else cfg."""
+    if cfg.modality != "video" or cfg.paper_table is None or cfg.setting != "sft":
+        return cfg
+    row = _preset_values(cfg.preset, "sft", "video", cfg.paper_table, dataset)
+    return dataclasses.replace(cfg, **{k: v for k, v in row.items() if k not in cfg.explicit})
+
+
+def _parse(spec, modality: str) -> list[str]:
+    spec = spec if len(spec) != 1 else spec[0]
+    if modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
+        spec = "video"
+    return parse_datasets(spec)
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    cfg.datasets = parse_datasets(cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0])
-    checks = [("preset", PRESET_NAMES), ("setting", SETTINGS), ("protocol", PROTOCOLS), ("eval_gen", EVAL_GEN),
-              ("select_metric", SELECT), ("precision", PRECISIONS), ("batching", BATCHING)]
+    if cfg.modality == "auto" or (cfg.modality == "video" and cfg.frames is None):
+        cfg.modality, family = model_info(cfg.model, cfg.modality, cfg.trust_remote_code)
+        if cfg.modality == "video":
+            cfg.frames = cfg.frames or family.get("train_frames", "official-train")
+    cfg.datasets = _parse(cfg.datasets, cfg.modality)
+    checks = [("preset", PRESET_NAMES), ("setting", SETTINGS), ("modality", MODALITIES[1:]), ("protocol", PROTOCOLS),
+              ("eval_gen", EVAL_GEN), ("select_metric", SELECT), ("precision", PRECISIONS), ("batching", BATCHING)]
     for key, allowed in checks:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(cfg, key)}'")
+    video = cfg.modality == "video"
+    if cfg.family is None:
+        cfg.family = "llamafactory_video" if video else "llamafactory_text"
+    if cfg.eval_family is None:
+        cfg.eval_family = "infer_script" if cfg.family.startswith("llamafactory_") else cfg.family
     for key in ("family", "eval_family"):
-        v = getattr(cfg, key)
-        if v is not None and v not in FAMILIES:
-            raise ValueError(f"{key} must be one of {', '.join(FAMILIES)}, got '{v}'")
+        if getattr(cfg, key) not in FAMILIES:
+            raise ValueError(f"{key} must be one of {', '.join(FAMILIES)}, got '{getattr(cfg, key)}'")
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_rank", "eval_batch_size",
                 "eval_max_new_tokens", "save_steps", "logging_steps", "limit", "eval_limit", "max_steps", "threads"):
         v = getattr(cfg, key)
@@ -247,41 +302,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"eval_steps must be >= 0, got {cfg.eval_steps}")
     if cfg.select_metric == "eval_gen_accuracy" and cfg.eval_gen == "none":
         raise ValueError("select_metric=eval_gen_accuracy needs eval_gen=score or generate")
-    if cfg.eval_family is None:
-        cfg.eval_family = "infer_script" if cfg.family == "llamafactory_text" else cfg.family
+    if video:
+        no_video = [ds for ds in cfg.datasets if not get_task(ds).has_video]
+        if no_video:
+            raise ValueError(f"no videos are released for {', '.join(no_video)}: use datasets video "
+                             f"({', '.join(VIDEO_DATASETS)}) or modality=text")
+        if cfg.batching == "packed":
+            raise ValueError("batching=packed is for text models (a video row's positions are not 0..n-1)")
+        frame_setting(cfg)  # validates
+    elif any(getattr(cfg, k) is not None for k in ("frames", "num_frames", "fps", "max_pixels")):
+        raise ValueError(f"frames, num_frames, fps and max_pixels are for video models; '{cfg.model}' is trained "
+                         f"as text")
     return cfg
 
 
+def frame_setting(cfg: TrainConfig) -> video_mod.FrameSetting:
+    return video_mod.frame_setting(cfg.frames, num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
+
+
 # ---------------------------------------------------------------- data
-
-
-def _end_of_turn(tokenizer, protocol: str) -> str:
-    """What the chat template writes after an assistant answer (e.g. '<|im_end|>'), trailing newline dropped.
-
-    LLaMA-Factory trains on the answer followed by the template's end-of-turn token; rendering a dummy
-    answer with the tokenizer's own template finds that token for any chat model.
-    """
-    msgs = chat_messages("x", protocol, model_kind(tokenizer), training=True)
-    head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    marker = "ANSWER-7f3a"
-    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": marker}], tokenize=False)
-    if full.startswith(head) and marker in full[len(head):]:
-        return full[len(head):].split(marker, 1)[1].rstrip()
-    return tokenizer.eos_token or ""
-
-
-def encode(tokenizer, prompt: str, answer: str, cutoff: int) -> tuple[dict, bool]:
-    """Token ids of prompt + answer (tokenised apart, as LLaMA-Factory does) and labels masking the prompt."""
-    return encode_ids(tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                      tokenizer(answer, add_special_tokens=False)["input_ids"], cutoff)
-
-
-def encode_ids(p: list[int], a: list[int], cutoff: int) -> tuple[dict, bool]:
-    truncated = len(p) + len(a) > cutoff
-    if truncated:  # keep the answer, cut the end of the prompt (LLaMA-Factory cuts the source first)
-        a = a[:cutoff]
-        p = p[: max(cutoff - len(a), 1)]
-    return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}, truncated
 
 
 def _subset(examples: list, n: int | None, seed: int) -> list:
@@ -293,429 +332,159 @@ def _subset(examples: list, n: int | None, seed: int) -> list:
 
 @dataclass
 class Split:
-    items: list[dict]  # input_ids, labels
+    items: object  # text: a list of dicts (input_ids, labels); video: VideoItems, built on demand
     examples: list  # data.Example, aligned with items
-    truncated: int = 0
+    clips: list | None = None  # video: each example's clip path
+    truncated: int = 0  # text: rows cut at cutoff_len
+    missing: list = field(default_factory=list)  # video: {dataset, id, error} of the rows left out
 
 
-def wrap(tokenizer, prompts: list[str], protocol: str, training: bool) -> list[str]:
-    """`prompts.chat_text` for many prompts (the model kind is looked up once)."""
-    kind = model_kind(tokenizer)
-    return [tokenizer.apply_chat_template(chat_messages(p, protocol, kind, training=training), tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
-
-
-def build_split(cfg: TrainConfig, tokenizer, datasets: list[str], split: str, limit: int | None,
-                subset: bool = False) -> Split:
-    eot = _end_of_turn(tokenizer, cfg.protocol)
-    out = Split([], [])
+def build_split(cfg: TrainConfig, inputs, datasets: list[str], split: str, limit: int | None,
+                subset: bool = False, cache: video_mod.FrameCache | None = None) -> Split:
+    """The rows of `split` as training items through the seam `inputs`. Video: each clip is decoded now (into the
+    frame cache, so the Trainer reads it back); a row whose clip is missing or unreadable is left out and counted."""
+    eot = inputs.end_of_turn(cfg.protocol)
+    video = inputs.modality == "video"
+    finder = video_mod.ClipFinder(cfg.data) if video else None
+    out = Split([], [], [] if video else None)
+    rows_v = []
     for ds in datasets:
         rows = data_mod.load_split(Path(cfg.data), ds, split).examples
         rows = _subset(rows, limit, cfg.seed) if subset else rows[:limit] if limit else rows
-        prompts = wrap(tokenizer, [render(ds, cfg.family, e.text, split) for e in rows], cfg.protocol, True)
-        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer([target(ds, cfg.family, e.label, split) + eot for e in rows],
-                          add_special_tokens=False)["input_ids"]
-        for e, p, a in zip(rows, p_ids, a_ids):
-            item, cut = encode_ids(p, a, cfg.cutoff_len)
-            out.items.append(item)
-            out.examples.append(e)
-            out.truncated += cut
+        if video:
+            kept = []
+            for e in rows:
+                clip = finder.find(ds, e.id)
+                error = clip.error
+                if clip.path is not None:
+                    try:
+                        video_mod.load_frames(clip.path, inputs.setting, cache)
+                    except video_mod.ClipError as err:
+                        error = str(err)
+                if error:
+                    out.missing.append({"dataset": ds, "id": e.id, "error": error})
+                    continue
+                kept.append(e)
+                out.clips.append(clip.path)
+            rows = kept
+        chats = inputs.chat([render(ds, cfg.family, e.text, split, inputs.modality) for e in rows], cfg.protocol,
+                            training=True)
+        answers = [target(ds, cfg.family, e.label, split, inputs.modality) + eot for e in rows]
+        if video:
+            rows_v += list(zip(out.clips[len(out.examples):], chats, answers))
+        else:
+            for chat, answer in zip(chats, answers):
+                item, cut = inputs.train_item(chat, answer, cfg.cutoff_len)
+                out.items.append(item)
+                out.truncated += cut
+        out.examples += rows
+    if video:
+        out.items = VideoItems(inputs, rows_v, cfg.cutoff_len, cache)
     return out
 
 
-@dataclass
-class Collator:
-    """Micro-batches (see TrainConfig.batching): right-padded rows with an attention mask (padded) or without one
-    (causal), or one packed row whose position ids restart at 0 for every example, which transformers turns into
-    attention within each example only (packed). All three give the same loss."""
-
-    pad_id: int
-    batching: str = "padded"
-
-    def __call__(self, items: list[dict]) -> dict:
-        import torch
-
-        n_tokens = torch.tensor(sum(len(it["input_ids"]) for it in items))  # real tokens, for throughput
-        if self.batching == "packed":
-            ids = [t for it in items for t in it["input_ids"]]
-            labels = [t for it in items for t in it["labels"]]
-            pos = [p for it in items for p in range(len(it["input_ids"]))]
-            return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                    "position_ids": torch.tensor([pos]), "num_tokens": n_tokens}
-        width = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for r, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[r, :n] = torch.tensor(it["input_ids"])
-            labels[r, :n] = torch.tensor(it["labels"])
-            mask[r, :n] = 1
-        batch = {"input_ids": ids, "labels": labels, "num_tokens": n_tokens}
-        if self.batching == "padded":
-            batch["attention_mask"] = mask
-        return batch
+# ---------------------------------------------------------------- train
 
 
-def answer_positions(labels):
-    """Boolean mask of the positions whose next token is an answer token (where the loss reads logits)."""
-    import torch
-
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
-    return keep
-
-
-# ---------------------------------------------------------------- dev evaluation
-
-
-class DevEval:
-    """eval_accuracy: LLaMA-Factory's compute_accuracy (per dev example, the share of answer tokens that the
-    argmax under teacher forcing gets right; then the mean over examples). eval_gen_accuracy: the share of dev
-    examples classified right, by scoring the candidate answers or by greedy generation + the official parser,
-    with the inference prompt family. Under DDP each process takes a shard and the counts are summed."""
-
-    def __init__(self, cfg: TrainConfig, tokenizer, dev: Split):
-        self.cfg, self.tok, self.dev = cfg, tokenizer, dev
-        self.collate = Collator(tokenizer.pad_token_id, cfg.batching)
-        ex = dev.examples
-        self.prompts = wrap(tokenizer, [render(e.dataset, cfg.eval_family, e.text, "dev") for e in ex], cfg.protocol,
-                            training=False)
-
-    def __call__(self, model, split_dev: bool = True) -> dict:
-        import torch
-        import torch.distributed as dist
-
-        from . import engine, prompts
-        from .evaluation import parse_output
-
-        world = dist.get_world_size() if split_dev and dist.is_available() and dist.is_initialized() else 1
-        rank = dist.get_rank() if world > 1 else 0
-        shard = list(range(rank, len(self.dev.items), world))
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # teacher-forced accuracy sum, classified right, examples
-        with torch.no_grad():
-            bs = self.cfg.eval_batch_size
-            for i in range(0, len(shard), bs):
-                items = [self.dev.items[j] for j in shard[i : i + bs]]
-                batch = {k: v.to(model.device) for k, v in self.collate(items).items() if k != "num_tokens"}
-                labels = batch.pop("labels")
-                keep = answer_positions(labels)
-                pred = model(**batch, logits_to_keep=keep, use_cache=False).logits.argmax(-1)
-                right = (pred == labels[:, 1:][keep[:, :-1]]).float()
-                counts = [sum(t != IGNORE for t in it["labels"]) for it in items]  # answer tokens per example
-                sums[0] += sum(part.mean().item() for part in torch.split(right, counts))
-            if self.cfg.eval_gen != "none" and shard:
-                ex = [self.dev.examples[j] for j in shard]
-                inputs = [self.prompts[j] for j in shard]
-                if self.cfg.eval_gen == "score":
-                    cands = [prompts.candidates(e.dataset, self.cfg.eval_family, "dev") for e in ex]
-                    res = engine.score(model, self.tok, inputs, cands, batch_size=bs)
-                    preds = [get_task(e.dataset).labels[r.best] for e, r in zip(ex, res)]
-                else:
-                    outs = engine.generate(model, self.tok, inputs, max_new_tokens=self.cfg.eval_max_new_tokens,
-                                           batch_size=bs)
-                    preds = [parse_output(o, get_task(e.dataset).labels) for e, o in zip(ex, outs)]
-                sums[1] += sum(p == e.label for p, e in zip(preds, ex))
-        sums[2] = len(shard)
-        if world > 1:
-            dev_sums = sums.to(model.device)
-            dist.all_reduce(dev_sums)
-            sums = dev_sums.cpu()
-        model.train(was_training)
-        n = max(sums[2].item(), 1)
-        metrics = {"eval_accuracy": round(sums[0].item() / n, 6)}
-        if self.cfg.eval_gen != "none":
-            metrics["eval_gen_accuracy"] = round(sums[1].item() / n, 6)
-        return metrics
-
-
-# ---------------------------------------------------------------- the trainer
-
-
-def _trainer_classes():
-    """Defined on first use so that importing this module does not import transformers."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import Trainer, TrainerCallback
-
-    class MMLATrainer(Trainer):
-        """The Trainer with an answer-only loss (optional), token counting and our dev evaluation."""
-
-        def __init__(self, *args, run: "_Run", **kwargs):
-            super().__init__(*args, **kwargs)
-            self.run = run
-            self.tokens_seen = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            n_tokens = inputs.pop("num_tokens", None)
-            if model.training and n_tokens is not None:
-                self.tokens_seen += int(n_tokens)
-            if not self.run.cfg.answer_logits_only:  # the model's own loss over full-vocabulary logits
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs.pop("labels")
-            keep = answer_positions(labels)
-            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits (answer tokens, vocab) only
-            targets = labels[:, 1:][keep[:, :-1]]
-            loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
-            if num_items_in_batch is None:
-                loss = loss / max(targets.numel(), 1)
-            else:  # as the Trainer's own loss: over the whole optimiser step, across processes
-                loss = loss / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes
-            return (loss, outputs) if return_outputs else loss
-
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            t0 = time.time()
-            ds = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
-            sharded = self.is_fsdp_enabled or (ds is not None and ds.zero_stage == 3)
-            # sharded weights: every forward is a collective, so every process runs the whole dev set
-            metrics = self.run.dev_eval(self.model, split_dev=not sharded)
-            metrics["eval_runtime"] = round(time.time() - t0, 2)
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            self.run.keep_if_best(self, metrics)
-            return metrics
-
-    class LogCallback(TrainerCallback):
-        """train_log.jsonl (process 0) and a tqdm bar with loss, learning rate and tokens/s."""
-
-        def __init__(self, run: "_Run", progress: bool):
-            self.run, self.progress, self.bar = run, progress, None
-            self.t_mark, self.tokens_mark, self.trainer = time.time(), 0, None
-
-        def on_train_begin(self, args, state, control, **kw):
-            if state.is_world_process_zero and self.progress:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"train {self.run.name}",
-                                unit="step", dynamic_ncols=True)
-            self._mark()
-
-        def _mark(self):
-            self.t_mark, self.tokens_mark = time.time(), self.trainer.tokens_seen if self.trainer else 0
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-
-        def on_evaluate(self, args, state, control, **kw):
-            self._mark()  # evaluation and saving time do not count against throughput
-
-        def on_save(self, args, state, control, **kw):
-            self._mark()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" in logs:
-                dt = max(time.time() - self.t_mark, 1e-9)
-                tps = (self.trainer.tokens_seen - self.tokens_mark) * args.world_size / dt
-                self._mark()
-                rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": logs["loss"],
-                       "lr": logs.get("learning_rate"), "tokens_per_s": round(tps, 1)}
-                if "grad_norm" in logs:
-                    rec["grad_norm"] = logs["grad_norm"]
-                if self.bar is not None:
-                    self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:.0f}")
-            elif any(k.startswith("eval_") for k in logs):
-                rec = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
-                if self.bar is not None:
-                    self.bar.write(f"step {state.global_step}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in rec.items() if k.endswith("accuracy")))
-            else:
-                return
-            if state.is_world_process_zero:
-                with open(self.run.out / "train_log.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-
-        def on_train_end(self, args, state, control, **kw):
-            if self.bar is not None:
-                self.bar.close()
-
-    return MMLATrainer, LogCallback
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _say(msg: str) -> None:
-    if _is_main():
-        print(msg, file=sys.stderr, flush=True)
-
-
-def last_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete Trainer checkpoint (trainer_state.json is written last; a torn one is skipped)."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = []
-    for d in ckpt_dir.glob("checkpoint-*"):
-        try:
-            step = int(d.name.split("-")[1])
-            json.loads((d / "trainer_state.json").read_text())
-        except (ValueError, OSError):
-            continue
-        found.append((step, d))
-    return max(found)[1] if found else None
-
-
-def save_adapter(trainer, dest: Path) -> None:
-    """Save the peft adapter (safetensors) atomically: into a temporary sibling, then renamed over `dest`.
-    Every process calls this (FSDP and ZeRO-3 gather the weights); process 0 writes."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    main = trainer.is_world_process_zero()
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
-    if not main:
-        return
-    (tmp / "training_args.bin").unlink(missing_ok=True)
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-class _Run:
-    """One training run (one adapter) in one output directory."""
-
-    def __init__(self, cfg: TrainConfig, datasets: list[str], out: Path):
-        self.cfg, self.datasets, self.out = cfg, datasets, out
-        self.name = datasets[0] if len(datasets) == 1 else f"{cfg.setting} ({len(datasets)} datasets)"
-        self.dev_eval: DevEval | None = None
-        best = out / "best.json"
-        self.best = json.loads(best.read_text()) if best.exists() else None
-
-    def keep_if_best(self, trainer, metrics: dict) -> None:
-        value = metrics[self.cfg.select_metric]
-        if self.best is not None and value <= self.best["value"]:
-            return
-        self.best = {"step": trainer.state.global_step, "metric": self.cfg.select_metric, "value": value,
-                     **{k: v for k, v in metrics.items() if k.endswith("accuracy")}}
-        save_adapter(trainer, self.out / "adapter")
-        if trainer.is_world_process_zero():
-            write_json(self.out / "best.json", self.best)
-
-
-def _precision(cfg: TrainConfig, device) -> str:
-    import torch
-
-    if cfg.precision != "auto":
-        return cfg.precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "mixed" if cfg.preset == "fast" else "fp32"
-
-
-def bf16_frozen_matmuls(model) -> int:
-    """precision=mixed: store the frozen linear weights in bf16 and run their matmuls in bf16 with the output
-    cast back to fp32. Activations, the residual stream, norms, attention, the LoRA weights and the loss stay fp32.
-
-    Why not autocast on a CPU: under autocast a LoRA layer adds its (at first tiny) update to a bf16 output that is
-    already rounded, so updates below half a bf16 step vanish and the loss curve departs from fp32 within a few
-    steps; here the update is added in fp32. The output layer is left alone (it may share the embedding matrix).
-    Returns the number of layers converted."""
-    import types
-
-    import torch
-    import torch.nn.functional as F
-
-    def forward(self, x):
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-
-    head = model.get_output_embeddings()
-    n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m is not head:
-            m.weight.data = m.weight.data.to(torch.bfloat16)
-            if m.bias is not None:
-                m.bias.data = m.bias.data.to(torch.bfloat16)
-            m.forward = types.MethodType(forward, m)
-            n += 1
-    return n
+def _record(cfg: TrainConfig, datasets: list[str]) -> dict:
+    return {**dataclasses.asdict(cfg), "datasets": datasets}
 
 
 def _check_identity(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
     path = out / "config.yaml"
     if not path.exists():
         return
-    old = read_config(path)
-    new = {**dataclasses.asdict(cfg), "datasets": datasets}
+    old, new = read_config(path), _record(cfg, datasets)
     for key in _IDENTITY:
-        if key in old and old[key] != new[key]:
-            raise ValueError(f"{path}: this run directory was made with {key}={old[key]!r}, not {new[key]!r}; "
+        if old.get(key) != new[key] and (key in old or new[key] is not None):
+            raise ValueError(f"{path}: this run directory was made with {key}={old.get(key)!r}, not {new[key]!r}; "
                              f"use another --out")
 
 
-def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool = True, model=None) -> dict:
-    """Train one adapter on `datasets` into `out`; resumes from the last checkpoint; skips a finished run.
-    `model`: an already loaded (model, tokenizer) pair (benchmarks); by default cfg.model is loaded."""
+def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool = True, model=None,
+              frame_cache: video_mod.FrameCache | None = None) -> dict:
+    """Train one adapter on `datasets` into `out`; resumes from the last checkpoint; reuses a finished run made
+    under the same identity config. `model`: an already loaded (model, tokenizer or processor) pair (benchmarks);
+    by default cfg.model is loaded."""
     out.mkdir(parents=True, exist_ok=True)
     _check_identity(out, cfg, datasets)
     done = out / "train_result.json"
     if done.exists():
-        _say(f"already trained: {out / 'adapter'} (remove {done} to train again)")
+        say(f"already trained: {out / 'adapter'} (remove {done} to train again)")
         return json.loads(done.read_text())
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
     from transformers.trainer_callback import ProgressCallback
 
+    from .inputs import make_inputs
     from .models import load_model, pick_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    precision = _precision(cfg, device)
+    precision = precision_for(cfg, device)
+    video = cfg.modality == "video"
     if model is None:
         model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
-                                trust_remote_code=cfg.trust_remote_code)
+                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
     else:
         model, tok = model
-    train_split = build_split(cfg, tok, datasets, "train", cfg.limit)
-    run = _Run(cfg, datasets, out)
-    eval_on = cfg.eval_steps > 0
-    if eval_on:
-        run.dev_eval = DevEval(cfg, tok, build_split(cfg, tok, datasets, "dev", cfg.eval_limit, subset=True))
+    inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
+    cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
+    train_split = build_split(cfg, inputs, datasets, "train", cfg.limit, cache=cache)
+    if len(train_split.items) == 0:
+        raise ValueError(f"no train row of {', '.join(datasets)} has a usable clip (mmla check-data lists them)")
+    collate = Collator(inputs.pad_id, cfg.batching, inputs.forward_kwargs if video else None)
+    run = Run(cfg, datasets, out)
+    dev = None
+    if cfg.eval_steps > 0:
+        with_dev = [ds for ds in datasets if "dev" in data_mod.available_splits(Path(cfg.data), ds)]
+        dev = build_split(cfg, inputs, with_dev, "dev", cfg.eval_limit, subset=True, cache=cache)
+        if len(dev.items) == 0:
+            say(f"no dev rows for {', '.join(datasets)}: no dev evaluation, the final adapter is kept")
+            dev = None
+        else:
+            run.dev_eval = DevEval(cfg, inputs, dev, collate, cache)
+    eval_on = dev is not None
 
     ckpt = last_checkpoint(out / "checkpoints")
     log_path = out / "train_log.jsonl"
     if ckpt is not None:
         step = int(ckpt.name.split("-")[1])
-        _say(f"resuming from {ckpt.name} (step {step}) in {out}")
-        if _is_main():  # drop what the killed run logged after its last checkpoint
+        say(f"resuming from {ckpt.name} (step {step}) in {out}")
+        if is_main():  # drop what the killed run logged after its last checkpoint
             kept = [r for r in read_jsonl(log_path)[0] if r.get("step", 0) <= step]
             log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    elif _is_main() and log_path.exists():
+    elif is_main() and log_path.exists():
         log_path.unlink()
-
-    from transformers import set_seed
 
     set_seed(cfg.seed)  # the same LoRA initialisation in every run of this config
     if precision == "mixed":
         bf16_frozen_matmuls(model)
-    model.config.use_cache = False
+    for c in (model.config, getattr(model.config, "text_config", None)):
+        if c is not None:
+            c.use_cache = False
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
+    lora_target = cfg.lora_target or inputs.lora_target
     with warnings.catch_warnings():  # peft calls a transformers property that warns of its own deprecation
         warnings.simplefilter("ignore", FutureWarning)
         model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target,
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora_target,
             task_type="CAUSAL_LM"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if _is_main():
-        write_config(out / "config.yaml", {**dataclasses.asdict(cfg), "datasets": datasets})
+    frames = {"frame_setting": inputs.setting.record()} if video else {}
+    if is_main():
+        write_config(out / "config.yaml", {**_record(cfg, datasets), **frames})
         write_json(out / "env.json", {
-            **environment(str(device)), "precision": precision, "world_size": world,
+            **environment(str(device)), "precision": precision, "world_size": world, "lora_target": lora_target,
             "train_rows": len(train_split.items), "train_truncated": train_split.truncated,
-            "dev_rows": len(run.dev_eval.dev.items) if eval_on else 0,
+            "dev_rows": len(dev.items) if eval_on else 0,
+            **({**frames, "train_missing_clips": len(train_split.missing),
+                "dev_missing_clips": len(dev.missing) if dev else 0,
+                "frame_cache": str(cache.root) if cache.enabled else None} if video else {}),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)})
 
     args = TrainingArguments(
@@ -731,11 +500,11 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         ddp_find_unused_parameters=False, disable_tqdm=False, log_level="warning",
     )
-    MMLATrainer, LogCallback = _trainer_classes()
+    MMLATrainer, LogCallback = trainer_classes()
     log_cb = LogCallback(run, progress)
     trainer = MMLATrainer(model=model, args=args, train_dataset=train_split.items,
-                          eval_dataset=run.dev_eval.dev.items if eval_on else None,
-                          data_collator=Collator(tok.pad_token_id, cfg.batching), run=run, callbacks=[log_cb])
+                          eval_dataset=dev.items if eval_on else None, data_collator=collate, run=run,
+                          callbacks=[log_cb])
     log_cb.trainer = trainer
     trainer.remove_callback(ProgressCallback)
     t0 = time.time()
@@ -748,7 +517,7 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
     summary = {"adapter": str(out / "adapter"), "datasets": datasets, "steps": step,
                "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
                "train_runtime_s": round(time.time() - t0, 1), "best": run.best, "precision": precision,
-               "world_size": world}
+               "world_size": world, **({"train_missing_clips": len(train_split.missing)} if video else {})}
     if trainer.is_world_process_zero():
         write_json(done, summary)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -756,7 +525,8 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
     return summary
 
 
-def train(cfg: TrainConfig, progress: bool = True, model=None) -> dict:
+def train(cfg: TrainConfig, progress: bool = True, model=None,
+          frame_cache: video_mod.FrameCache | None = None) -> dict:
     """SFT: one adapter per dataset (<out>/adapter for one dataset, <out>/<DS>/adapter for several);
     IT: one adapter on the union of the train splits (<out>/adapter). Returns {name: summary}."""
     cfg = validate(dataclasses.replace(cfg))
@@ -764,29 +534,28 @@ def train(cfg: TrainConfig, progress: bool = True, model=None) -> dict:
     have = [ds for ds in cfg.datasets if "train" in data_mod.available_splits(Path(cfg.data), ds)]
     missing = [ds for ds in cfg.datasets if ds not in have]
     if missing:
-        _say(f"no train split in {cfg.data} for {', '.join(missing)}: "
-             f"{'not part of the IT mixture' if cfg.setting == 'it' else 'no adapter trained'} "
-             f"(training on {len(have)} of {len(cfg.datasets)} datasets)")
+        say(f"no train split in {cfg.data} for {', '.join(missing)}: "
+            f"{'not part of the IT mixture' if cfg.setting == 'it' else 'no adapter trained'} "
+            f"(training on {len(have)} of {len(cfg.datasets)} datasets)")
     if not have:
         raise ValueError(f"none of {', '.join(cfg.datasets)} has a train split in {cfg.data}")
     out = Path(cfg.out)
     if cfg.setting == "it":
-        return {"it": {**train_one(cfg, have, out, progress, model), "missing_train": missing}}
+        return {"it": {**train_one(cfg, have, out, progress, model, frame_cache), "missing_train": missing}}
     if len(cfg.datasets) == 1:
-        return {have[0]: train_one(cfg, have, out, progress, model)}
-    return {ds: train_one(cfg, [ds], out / ds, progress, model) for ds in have}
+        return {have[0]: train_one(with_preset(cfg, have[0]), have, out, progress, model, frame_cache)}
+    return {ds: train_one(with_preset(cfg, ds), [ds], out / ds, progress, model, frame_cache) for ds in have}
 
 
 # ---------------------------------------------------------------- merge
 
 
 def merge(model: str, adapter: str, out: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
-    """Base model + LoRA adapter -> one merged model directory (safetensors) with the tokenizer."""
-    from .models import load_model
+    """Base model + LoRA adapter -> one merged model directory (safetensors) with its tokenizer or processor."""
+    from .models import load_model, modality_of
 
-    peft_model, tok = load_model(model, adapter=adapter, dtype=dtype, device="cpu",
-                                 trust_remote_code=trust_remote_code)
-    merged = peft_model.merge_and_unload()
+    merged, tok = load_model(model, adapter=adapter, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
+                             modality=modality_of(model, trust_remote_code), merge=True)
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(dest, safe_serialization=True)
@@ -800,13 +569,17 @@ def merge(model: str, adapter: str, out: str, dtype: str = "auto", trust_remote_
 
 def cmd_train(a) -> int:
     values = read_yaml(a.config) if a.config else {}
-    for key in ("model", "data", "datasets", "preset", "out"):
-        if getattr(a, key) is not None:
+    for key in ("model", "data", "datasets", "preset", "out", "modality", "frames", "num_frames", "fps", "max_pixels"):
+        if getattr(a, key, None) is not None:
             values[key] = getattr(a, key)
+    if getattr(a, "no_frame_cache", False):
+        values["no_frame_cache"] = True
     values.update(parse_overrides(a.overrides))
+    if "datasets" not in values:  # training every dataset is never a default
+        raise ValueError("mmla train needs --datasets: one name (SFT), a comma list (SFT each) or all (IT)")
     cfg = make_config(values)
     results = train(cfg, progress=not a.no_progress)
-    if _is_main():
+    if is_main():
         for name, r in results.items():
             best = r.get("best") or {}
             sel = f", best {best.get('metric')} {best.get('value')} at step {best.get('step')}" if best else ""
@@ -822,16 +595,20 @@ def cmd_merge(a) -> int:
 
 def add_cli(subparsers) -> None:
     sp = subparsers.add_parser(
-        "train", help="LoRA SFT (one adapter per dataset) or IT (--datasets all: one adapter on all)",
-        description="Fine-tune with LoRA. Config: defaults < --preset < --config YAML < flags < key=value. "
+        "train", help="LoRA SFT (one adapter per dataset) or IT (--datasets all: one adapter on all), text or video",
+        description="Fine-tune with LoRA. Config: defaults < --preset < --config YAML < flags < key=value. The "
+                    "modality comes from the model (a vision-language model trains on video) or --modality. "
                     "Rerun the same command to resume from the last checkpoint.")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_epochs=2")
     sp.add_argument("--config", help="a YAML file of TrainConfig keys")
     sp.add_argument("--model", help="HF id, local path or alias (default smollm2-135m)")
     sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
-    sp.add_argument("--datasets", help="one name (SFT), a comma list (SFT each) or all (IT)")
+    sp.add_argument("--datasets", help="one name (SFT), a comma list (SFT each) or all (IT); required here or in "
+                                       "--config")
     sp.add_argument("--preset", choices=PRESET_NAMES, help="paper (official configuration) | fast")
+    sp.add_argument("--modality", choices=MODALITIES, help="auto (default): video for a vision-language model")
     sp.add_argument("--out", help="output directory (rerun to resume)")
+    video_mod.frame_args(sp)
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_train)
 
@@ -842,25 +619,3 @@ def add_cli(subparsers) -> None:
     sp.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     sp.add_argument("--trust-remote-code", action="store_true")
     sp.set_defaults(func=cmd_merge)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mmla.training train|merge|run|export ...`: the same commands as `mmla`, for when the
-    main CLI does not register them."""
-    from . import cli, experiment, export
-
-    parser = cli._Parser(prog="mmla", description="MMLA fine-tuning, experiments and export.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
-    for module in (sys.modules[__name__], experiment, export):
-        module.add_cli(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mmla: error: {msg}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
