@@ -166,6 +166,7 @@ def row_seed(seed: int, dataset: str, id_: str, sample: int = 0) -> int:
 
 def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod.FrameCache | None = None) -> dict:
     # ---- setup
+    t_start = time.perf_counter()
     cfg = resolve(cfg)
     examples, skipped = load_examples(cfg)
     out = _open_run_dir(cfg)
@@ -196,6 +197,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
         setting = video_mod.frame_setting(cfg.frames or family.get("frames", "official-infer"),
                                           num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
     model = inputs = decoding = None
+    t_load = time.perf_counter()
     if todo:
         model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
                                 trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
@@ -205,6 +207,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
         if cfg.num_samples > 1 and not decoding.do_sample:
             raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
+    t_load = time.perf_counter() - t_load
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     write_config(out / "config.yaml", {**dataclasses.asdict(cfg),
                                        **({"frame_setting": setting.record()} if setting else {})})
@@ -224,6 +227,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
             sink.close()
 
     # ---- save
+    t_eval = time.perf_counter()
     keys = {(e.dataset, e.split, e.id, k) for e, k in wanted}
     records = [r for r in dedupe(read_jsonl(pred_path)[0]) if key(r) in keys]
     result = evaluate_samples(records)
@@ -235,6 +239,9 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
                                                for ds in sorted({r["dataset"] for r in missing})}
         env.update(missing_clips=len(missing), frame_cache_hits=cache.hits, frame_cache_misses=cache.misses)
     write_json(out / "metrics.json", result)
+    # where the time went (seconds): the bench (bench/e2e.py) adds the interpreter's start and imports to these
+    stats.update(seconds_load=round(t_load, 2), seconds_evaluate=round(time.perf_counter() - t_eval, 2),
+                 seconds_predict=round(time.perf_counter() - t_start, 2))
     env.update(stats)
     write_json(out / "env.json", env)
     return result
