@@ -82,8 +82,16 @@ def test_adapter(tmp_path, tiny_llama):
     base, _ = load_model(tiny_llama)
     lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
+    unmerged, tok = load_model(tiny_llama, adapter=tmp_path / "adapter", merge=False)
+    assert isinstance(unmerged, PeftModel) and not unmerged.training
+    # by default the adapter is merged into the weights in memory: base-model speed, the adapter's numbers
     model, _ = load_model(tiny_llama, adapter=tmp_path / "adapter")
-    assert isinstance(model, PeftModel) and not model.training
+    assert not isinstance(model, PeftModel) and not model.training
+    ids = tok("a b c d", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, unmerged(ids).logits, atol=1e-5)
+        plain, _ = load_model(tiny_llama)  # `base` itself now carries the LoRA layers get_peft_model injected
+        assert not torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-3)
     with pytest.raises(ValueError, match="nowhere"):
         load_model(tiny_llama, adapter=tmp_path / "nowhere")
 

@@ -191,7 +191,7 @@ def _fake_root(tmp_path, videos_dir):
 
 def test_check_data_cli(tmp_path, videos_dir):
     root = _fake_root(tmp_path, videos_dir)
-    cmd = [sys.executable, "-m", "mmla.video", "check-data", "--data", str(root), "--datasets", "MELD"]
+    cmd = [sys.executable, "-m", "mmla.cli", "check-data", "--data", str(root), "--datasets", "MELD"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
     assert r.returncode == 1, r.stderr

@@ -78,6 +78,7 @@ def cmd_predict(a) -> int:
         skip_bad_rows=a.skip_bad_rows, trust_remote_code=a.trust_remote_code, setting=a.setting,
         paper_model=a.paper_model, name=a.name, out=a.out, modality=a.modality, frames=a.frames,
         num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels, no_frame_cache=a.no_frame_cache,
+        backend=a.backend, base_url=a.base_url, api_key_env=a.api_key_env, concurrency=a.concurrency,
     )
     result = predict(cfg, progress=not a.no_progress)
     print(format_table(result, _paper_reference(a.paper_model, a.setting)))
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .video import frame_args
 
     frame_args(sp)
+    # an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve, a hosted API)
+    sp.add_argument("--backend", default="local", choices=("local", "openai"))
+    sp.add_argument("--base-url", help="openai backend: the server's /v1 URL, e.g. http://127.0.0.1:8000/v1")
+    sp.add_argument("--api-key-env", metavar="VAR", help="openai backend: environment variable holding the API key")
+    sp.add_argument("--concurrency", type=_positive_int, default=8, help="openai backend: requests in flight")
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("download", help="fetch the release from the Hugging Face hub")

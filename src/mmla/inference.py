@@ -62,12 +62,17 @@ class PredictConfig:
     paper_model: str | None = None  # the paper's model name this run reproduces, e.g. Qwen2-1.5B
     name: str | None = None
     out: str = "runs/predict"
+    # an OpenAI-compatible server instead of a local model (mmla.openai_backend): vLLM, SGLang, a hosted API
+    backend: str = "local"  # local | openai
+    base_url: str | None = None
+    api_key_env: str | None = None  # the NAME of the environment variable holding the key; the key is never stored
+    concurrency: int = 8  # openai: requests in flight
 
 
 # Settings that change predictions: a run directory refuses to resume under different ones. They are compared as
 # the user gave them (None = the protocol's default), so the same command always resumes.
 _IDENTITY = ("model", "adapter", "split", "mode", "protocol", "family", "modality", "max_new_tokens", "seed", "dtype",
-             "frames", "num_frames", "fps", "max_pixels", "num_samples")
+             "frames", "num_frames", "fps", "max_pixels", "num_samples", "backend")
 
 
 def resolve(cfg: PredictConfig) -> PredictConfig:
@@ -77,8 +82,12 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
     cfg = dataclasses.replace(cfg)
     if cfg.modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {', '.join(MODALITIES)}, got '{cfg.modality}'")
-    if cfg.modality == "auto":
-        cfg.modality = modality_of(cfg.model, cfg.trust_remote_code)
+    if cfg.backend not in ("local", "openai"):
+        raise ValueError(f"--backend must be local or openai, got '{cfg.backend}'")
+    if cfg.backend == "openai" and not cfg.base_url:
+        raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    if cfg.modality == "auto":  # a served model may have no config here: text unless told
+        cfg.modality = modality_of(cfg.model, cfg.trust_remote_code) if cfg.backend == "local" else "text"
     spec = cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0]
     if cfg.modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
         spec = "video"
@@ -101,7 +110,7 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         raise ValueError(f"--split must be one of {', '.join(data_mod.SPLITS)}, got '{cfg.split}'")
     if cfg.num_samples > 1 and cfg.mode == "score":
         raise ValueError("--num-samples draws several generated answers: it needs --mode generate")
-    for key in ("limit", "batch_size", "max_new_tokens", "threads", "num_samples"):
+    for key in ("limit", "batch_size", "max_new_tokens", "threads", "num_samples", "concurrency"):
         v = getattr(cfg, key)
         if v is not None and int(v) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {v}")
@@ -185,6 +194,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
 
     import torch
 
+    from . import engine
     from .inputs import make_inputs
     from .models import family_of, load_model, read_config as model_config
 
@@ -193,12 +203,20 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
     video = cfg.modality == "video"
     setting = None
     if video:
-        family = family_of(model_config(cfg.model, cfg.trust_remote_code))
+        family = family_of(model_config(cfg.model, cfg.trust_remote_code)) if cfg.backend == "local" else {}
         setting = video_mod.frame_setting(cfg.frames or family.get("frames", "official-infer"),
                                           num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
-    model = inputs = decoding = None
+    model = inputs = decoding = server = None
+    runner = engine
     t_load = time.perf_counter()
-    if todo:
+    if todo and cfg.backend == "openai":  # the same prompts and decoding, sent to a server
+        from .openai_backend import ApiInputs, Runner, prepare
+
+        server, tok, kind, decoding = prepare(cfg)
+        decoding.max_new_tokens = cfg.max_new_tokens or decoding.max_new_tokens
+        inputs, runner = ApiInputs(tok, kind, cfg.modality, setting), Runner(server)
+        server.video_input = inputs.video_input if video else None
+    elif todo:
         model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
                                 trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
         inputs = make_inputs(model, tok, setting)
@@ -215,6 +233,8 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
            "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped}
     if video:
         env.update(frame_setting=setting.record(), frame_cache=str(cache.root) if cache.enabled else None)
+    if server is not None:  # the server's model id and fingerprint come with its first answer: written again below
+        env["server"] = server.info()
     write_json(out / "env.json", env)
 
     # ---- run
@@ -222,9 +242,12 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
     if todo:
         sink = JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
         try:
-            stats = _run(cfg, model, inputs, decoding, cache, todo, sink, progress)
+            stats = _run(cfg, model, inputs, decoding, cache, todo, sink, progress, runner)
         finally:
             sink.close()
+            if server is not None:
+                env["server"] = server.info()
+                write_json(out / "env.json", env)
 
     # ---- save
     t_eval = time.perf_counter()
@@ -247,7 +270,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
     return result
 
 
-def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool) -> dict:
+def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool, runner=None) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
     batches, so only their frames are in memory."""
@@ -255,6 +278,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
 
     from . import engine
 
+    runner = runner or engine  # mmla.engine, or a server backend with the same two calls
     video = inputs.modality == "video"
     finder = video_mod.ClipFinder(cfg.data) if video else None
     root = Path(cfg.data)
@@ -322,11 +346,11 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
                 ok = p["ok"]
                 t0 = time.perf_counter()
                 if cfg.mode == "generate":
-                    engine.generate(model, inputs, p["rows"], decoding=decoding, batch_size=cfg.batch_size,
+                    runner.generate(model, inputs, p["rows"], decoding=decoding, batch_size=cfg.batch_size,
                                     seeds=[seeds[p["chunk"][j]] for j in ok],
                                     on_result=lambda r, text: record(p, ok[r], text))
                 else:  # the chosen answer string, e.g. "emotion: joy"
-                    engine.score(model, inputs, p["rows"], batch_size=cfg.batch_size,
+                    runner.score(model, inputs, p["rows"], batch_size=cfg.batch_size,
                                  on_result=lambda r, s: record(p, ok[r], p["cands"][r][s.best]))
                 timing["seconds_model"] += time.perf_counter() - t0
     finally:
