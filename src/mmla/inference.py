@@ -25,7 +25,8 @@ from . import data as data_mod
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
-from .runs import JsonlAppender, environment, read_config, read_jsonl, write_config, write_json
+from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, read_config, read_jsonl, write_config, \
+    write_json
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")
@@ -178,9 +179,14 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
     t_start = time.perf_counter()
     cfg = resolve(cfg)
     examples, skipped = load_examples(cfg)
+    with claim(Path(cfg.out), "predict"):  # one writer per run directory: a second process is refused
+        return _predict(cfg, examples, skipped, progress, frame_cache, t_start)
+
+
+def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache, t_start: float) -> dict:
     out = _open_run_dir(cfg)
     pred_path = out / "predictions.jsonl"
-    done, torn = read_jsonl(pred_path)
+    done, torn = read_jsonl(pred_path, PREDICTION_KEYS)
     n_written = len(done)
     done = dedupe(done)
     retry = [r for r in done if r.get("clip_error")]  # clips that failed before are tried again
@@ -252,7 +258,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
     # ---- save
     t_eval = time.perf_counter()
     keys = {(e.dataset, e.split, e.id, k) for e, k in wanted}
-    records = [r for r in dedupe(read_jsonl(pred_path)[0]) if key(r) in keys]
+    records = [r for r in dedupe(read_jsonl(pred_path, PREDICTION_KEYS)[0]) if key(r) in keys]
     result = evaluate_samples(records)
     result["skipped_rows"] = len(skipped)
     if video:
