@@ -6,7 +6,8 @@ format), fp32, CPU, 2 threads, batch size 32:
   mmla    `mmla predict --mode score --protocol clean ...` into a fresh run directory
   lmeval  `lm_eval --model hf --tasks <a local multiple_choice task> ...` (lm-eval 0.4.13, its own virtualenv)
 Each is one subprocess timed from start to exit (imports, model load, data, scoring, writing, evaluation).
-The bench prints JSON: samples/s of both, the ratio, where mmla's time went (its env.json: seconds_prepare,
+The bench prints JSON: samples/s of both, the ratio (and the ratio of the processes' CPU seconds, which a busy
+neighbour on the shared CPU moves much less than the wall time), where mmla's time went (its env.json: seconds_prepare,
 seconds_model; the rest is import, load, reading data, writing and evaluating), and how many picks agree
 (mmla's predictions.jsonl `output` against lm-eval's argmax of the summed log-likelihoods, per document).
 
@@ -128,15 +129,19 @@ def write_task(task_dir: Path, docs: list[dict]) -> None:
 # ---------------------------------------------------------------- the two processes
 
 
-def timed_run(cmd: list[str], env: dict, log: Path) -> float:
+def timed_run(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """(wall seconds from start to exit, CPU seconds the process used). On a shared CPU the wall time of either
+    side moves with the neighbours' load; the CPU seconds much less, so both are reported."""
     t = time.perf_counter()
     with open(log, "w") as f:
-        r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t
-    if r.returncode != 0:
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{shlex.join(cmd)} exited with {r.returncode}; the end of {log}:\n{tail}")
-    return seconds
+        raise SystemExit(f"{shlex.join(cmd)} exited with {proc.returncode}; the end of {log}:\n{tail}")
+    return seconds, usage.ru_utime + usage.ru_stime
 
 
 def mmla_cmd(a, datasets: list[str], per_dataset: int, out: Path) -> list[str]:
@@ -186,16 +191,16 @@ def one_round(a, order: list[str], docs: list[dict], datasets, per_dataset, venv
     n = len(docs)
     task_dir = work / "task"
     write_task(task_dir, docs)
-    res = {}
+    res = {"load_average_1min_before": round(os.getloadavg()[0], 2)}
     for side in order:
         if side == "mmla":
             run = work / "mmla-run"
             e = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
             cmd = mmla_cmd(a, datasets, per_dataset, run)
-            sec = timed_run(cmd, e, work / "mmla.log")
+            sec, cpu = timed_run(cmd, e, work / "mmla.log")
             info = json.loads((run / "env.json").read_text())
             prep, model = info.get("seconds_prepare"), info.get("seconds_model")
-            res["mmla"] = {"seconds": round(sec, 2), "samples_per_s": round(n / sec, 3),
+            res["mmla"] = {"seconds": round(sec, 2), "samples_per_s": round(n / sec, 3), "cpu_seconds": round(cpu, 2),
                            "seconds_prepare": prep, "seconds_model": model,
                            "seconds_other": round(sec - (prep or 0) - (model or 0), 2),
                            "model_samples_per_s": round(n / model, 3) if model else None}
@@ -204,9 +209,9 @@ def one_round(a, order: list[str], docs: list[dict], datasets, per_dataset, venv
             # a fresh datasets cache, so every run converts the JSONL as a first run of a new task does
             e = {**_clean_env(env), "HF_DATASETS_CACHE": str(work / "hf-datasets")}
             cmd = lmeval_cmd(a, venv, model_dir, task_dir, out)
-            sec = timed_run(cmd, e, work / "lmeval.log")
+            sec, cpu = timed_run(cmd, e, work / "lmeval.log")
             picks, results = lmeval_picks(out)
-            res["lmeval"] = {"seconds": round(sec, 2), "samples_per_s": round(n / sec, 3),
+            res["lmeval"] = {"seconds": round(sec, 2), "samples_per_s": round(n / sec, 3), "cpu_seconds": round(cpu, 2),
                              "evaluation_seconds": _float(results.get("total_evaluation_time_seconds")),
                              "acc": results.get("results", {}).get(TASK, {}).get("acc,none")}
             res["_lmeval_picks"] = picks
@@ -215,6 +220,7 @@ def one_round(a, order: list[str], docs: list[dict], datasets, per_dataset, venv
     keys = [(d["dataset"], d["id"]) for d in docs]
     res["order"] = order
     res["ratio"] = round(res["lmeval"]["seconds"] / res["mmla"]["seconds"], 2)
+    res["cpu_ratio"] = round(res["lmeval"]["cpu_seconds"] / res["mmla"]["cpu_seconds"], 2)
     res["picks_identical"] = sum(ours.get(k) == theirs.get(k) for k in keys)
     res["picks_compared"] = len(keys)
     res["mmla_prompts_identical"] = sum(prompts.get(k) == d["prompt"] for k, d in zip(keys, docs))
@@ -273,11 +279,13 @@ def main() -> None:
     from importlib import metadata
 
     ratios = [x["ratio"] for x in rounds]
+    cpu_ratios = [x["cpu_ratio"] for x in rounds]
     print(json.dumps({
         "n": len(docs), "datasets": datasets, "per_dataset": per_dataset, "batch_size": a.batch_size,
         "threads": a.threads, "dtype": "float32", "device": "cpu", "model": model_dir,
         "rounds": rounds,
-        "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio_min": min(ratios), "ratio_max": max(ratios), "cpu_ratio_min": min(cpu_ratios),
+        "cpu_ratio_max": max(cpu_ratios), "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "acceptance": {"want_ratio_at_least": ACCEPT_RATIO, "met_every_round": all(x >= ACCEPT_RATIO for x in ratios),
                        "picks_all_identical": all(x["picks_identical"] == x["picks_compared"] for x in rounds)},
         "versions": {"mmla_side": {p: metadata.version(p) for p in ("torch", "transformers")}, "lmeval_side": lm_versions},
