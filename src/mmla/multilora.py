@@ -31,6 +31,7 @@ This module sits above mmla.training (whose config, data and separate runs it re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,7 +44,7 @@ from pathlib import Path
 from . import data as data_mod
 from . import training
 from . import video as video_mod
-from .runs import environment, read_jsonl, write_config, write_json
+from .runs import claim, environment, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
 from .trainer import IGNORE, Collator, DevEval, answer_positions, bf16_frozen_matmuls, precision_for, say
 from .training import TrainConfig, _check_identity, _record, build_split, frame_setting, validate, with_preset
 
@@ -138,7 +139,7 @@ class Adapter:
         if cfg.eval_steps > 0 and self.dev_eval is None:
             say(f"no dev rows for {ds}: no dev evaluation, the final adapter is kept")
         best = out / "best.json"
-        self.best = json.loads(best.read_text()) if best.exists() else None
+        self.best = read_json(best) if best.exists() else None
         self.step, self.epoch, self.done = 0, 0.0, (out / "train_result.json").exists()
         self.params: list = []
         self.optimizer = self.scheduler = self.it = None
@@ -188,7 +189,8 @@ def save_adapter(model, a: Adapter, dest: Path) -> None:
     """The adapter as an ordinary peft directory (what a separate run writes), atomically."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), selected_adapters=[a.name])  # peft writes a non-default adapter to tmp/<name>
+    with writing(dest):
+        model.save_pretrained(str(tmp), selected_adapters=[a.name])  # peft writes a non-default adapter to tmp/<name>
     if (tmp / "README.md").exists():  # the model card, which a separate run keeps beside the adapter
         os.replace(tmp / "README.md", tmp / a.name / "README.md")
     _replace_dir(tmp / a.name, dest)
@@ -204,10 +206,12 @@ def save_checkpoint(out: Path, model, adapters: list[Adapter], joint_step: int) 
     tmp.mkdir()
     live = [a for a in adapters if not a.done]
     names = {id(p): n for n, p in model.named_parameters()}
-    save_file({names[id(p)]: p.detach().cpu().contiguous() for a in live for p in a.params},
-              str(tmp / "adapters.safetensors"))
-    for a in live:
-        torch.save({"optimizer": a.optimizer.state_dict(), "scheduler": a.scheduler.state_dict()}, tmp / f"{a.name}.pt")
+    with writing(out / CKPT):
+        save_file({names[id(p)]: p.detach().cpu().contiguous() for a in live for p in a.params},
+                  str(tmp / "adapters.safetensors"))
+        for a in live:
+            torch.save({"optimizer": a.optimizer.state_dict(), "scheduler": a.scheduler.state_dict()},
+                       tmp / f"{a.name}.pt")
     write_json(tmp / "state.json", {"joint_step": joint_step, "steps": {a.ds: a.step for a in live},
                                     "names": {a.ds: a.name for a in live}})
     _replace_dir(tmp, out / CKPT)
@@ -223,8 +227,11 @@ def load_checkpoint(out: Path, model, adapters: list[Adapter]) -> int:
         ck = out / f".{CKPT}.old"  # killed between the two renames
     if not (ck / "state.json").exists():
         return 0
-    state = json.loads((ck / "state.json").read_text())
-    weights = load_file(str(ck / "adapters.safetensors"))
+    state = read_json(ck / "state.json")
+    try:
+        weights = load_file(str(ck / "adapters.safetensors"))
+    except Exception as e:  # written before the rename, so only a damaged disk gets here
+        raise ValueError(f"{ck}: unreadable checkpoint ({type(e).__name__}); remove it to start again") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in weights.items():
@@ -236,8 +243,8 @@ def load_checkpoint(out: Path, model, adapters: list[Adapter]) -> int:
         saved = torch.load(ck / f"{a.name}.pt", weights_only=True)
         a.optimizer.load_state_dict(saved["optimizer"])
         a.scheduler.load_state_dict(saved["scheduler"])
-        kept = [r for r in read_jsonl(a.out / "train_log.jsonl")[0] if r.get("step", 0) <= a.step]
-        (a.out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_jsonl(a.out / "train_log.jsonl", [r for r in read_jsonl(a.out / "train_log.jsonl")[0]
+                                                if r.get("step", 0) <= a.step])
     return state["joint_step"]
 
 
@@ -245,7 +252,7 @@ def _check_run_dir(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
     path = out / "concurrent.json"
     want = {"datasets": datasets, "preset": cfg.preset}
     if path.exists():
-        have = json.loads(path.read_text())
+        have = read_json(path)
         for key, value in want.items():
             if have.get(key) != value:
                 show = lambda v: ",".join(v) if isinstance(v, list) else v  # noqa: E731
@@ -374,16 +381,23 @@ def train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress:
                      frame_cache: video_mod.FrameCache | None = None) -> dict:
     """Train one LoRA adapter per dataset, all at once over one frozen base, into <out>/<DS>/. Resumes from
     <out>/checkpoint; skips adapters already finished. `model`: an already loaded (model, tokenizer or processor)
-    pair (benchmarks). Returns {dataset: summary}."""
+    pair (benchmarks). Returns {dataset: summary}. One writer per run directory: another process in `out` or in
+    one of its <DS> directories is refused."""
     _check_config(cfg, datasets)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        for d in [out] + [out / ds for ds in datasets]:
+            held.enter_context(claim(d, "train"))
+        return _train_concurrent(cfg, datasets, out, progress, model, frame_cache)
+
+
+def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool, model, frame_cache) -> dict:
     _check_run_dir(out, cfg, datasets)
     for ds in datasets:
         _check_identity(out / ds, with_preset(cfg, ds), [ds])
     if all((out / ds / "train_result.json").exists() for ds in datasets):
         say(f"already trained: {', '.join(datasets)} in {out}")
-        return {ds: json.loads((out / ds / "train_result.json").read_text()) for ds in datasets}
+        return {ds: read_json(out / ds / "train_result.json") for ds in datasets}
 
     import torch
 
@@ -423,8 +437,7 @@ def train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress:
     joint, t_start, train_time = ckpt_step, time.time(), 0.0
     joint_log = out / "joint_log.jsonl"
     if joint_log.exists():  # drop what a killed run logged after its last checkpoint
-        kept = [r for r in read_jsonl(joint_log)[0] if r["joint_step"] <= ckpt_step]
-        joint_log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_jsonl(joint_log, [r for r in read_jsonl(joint_log)[0] if r["joint_step"] <= ckpt_step])
     model.train()
     while live:
         t0 = time.time()
@@ -496,7 +509,7 @@ def train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress:
                                                  "max_steps": {a.ds: a.plan.max_steps for a in adapters},
                                                  "train_time_s": round(train_time, 3),
                                                  "wall_s": round(time.time() - t_start, 1)})
-    return {a.ds: json.loads((a.out / "train_result.json").read_text()) for a in adapters}
+    return {a.ds: read_json(a.out / "train_result.json") for a in adapters}
 
 
 def _evaluate(model, router: Router, a: Adapter) -> None:
