@@ -121,6 +121,76 @@ def cmd_download(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train, merge
+
+
+def cmd_train(a) -> int:
+    from . import multilora, training
+    from .config import parse_overrides, read_yaml
+    from .trainer import is_main
+
+    values = read_yaml(a.config) if a.config else {}
+    for key in ("model", "data", "datasets", "preset", "out", "modality", "frames", "num_frames", "fps", "max_pixels"):
+        if getattr(a, key, None) is not None:
+            values[key] = getattr(a, key)
+    for flag in ("no_frame_cache", "concurrent"):
+        if getattr(a, flag, False):
+            values[flag] = True
+    values.update(parse_overrides(a.overrides))
+    if "datasets" not in values:  # training every dataset is never a default
+        raise ValueError("mmla train needs --datasets: one name (SFT), a comma list (SFT each) or all (IT)")
+    cfg = training.make_config(values)
+    # several SFT adapters at once over one frozen base (issue 11) lives above training, so the choice is made here
+    results = (multilora.train if cfg.concurrent else training.train)(cfg, progress=not a.no_progress)
+    if is_main():
+        for name, r in results.items():
+            best = r.get("best") or {}
+            sel = f", best {best.get('metric')} {best.get('value')} at step {best.get('step')}" if best else ""
+            print(f"{name}: {r['adapter']} ({r['steps']} steps{sel})")
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .training import merge
+
+    dest = merge(a.model, a.adapter, a.out, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
+    print(f"merged model: {dest}")
+    return 0
+
+
+def add_train_cli(subparsers) -> None:
+    from .training import MODALITIES, PRESET_NAMES
+    from .video import frame_args
+
+    sp = subparsers.add_parser(
+        "train", help="LoRA SFT (one adapter per dataset) or IT (--datasets all: one adapter on all), text or video",
+        description="Fine-tune with LoRA. Config: defaults < --preset < --config YAML < flags < key=value. The "
+                    "modality comes from the model (a vision-language model trains on video) or --modality. "
+                    "Rerun the same command to resume from the last checkpoint.")
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_epochs=2")
+    sp.add_argument("--config", help="a YAML file of TrainConfig keys")
+    sp.add_argument("--model", help="HF id, local path or alias (default smollm2-135m)")
+    sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
+    sp.add_argument("--datasets", help="one name (SFT), a comma list (SFT each) or all (IT); required here or in "
+                                       "--config")
+    sp.add_argument("--preset", choices=PRESET_NAMES, help="paper (official configuration) | fast")
+    sp.add_argument("--modality", choices=MODALITIES, help="auto (default): video for a vision-language model")
+    sp.add_argument("--out", help="output directory (rerun to resume)")
+    sp.add_argument("--concurrent", action="store_true",
+                    help="SFT of several datasets at once: one frozen base, one LoRA adapter per dataset")
+    frame_args(sp)
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_train)
+
+    sp = subparsers.add_parser("merge", help="merge a LoRA adapter into its base model (safetensors)")
+    sp.add_argument("--model", required=True, help="the base model (HF id, local path or alias)")
+    sp.add_argument("--adapter", required=True, help="adapter directory (e.g. <train out>/adapter)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    sp.add_argument("--trust-remote-code", action="store_true")
+    sp.set_defaults(func=cmd_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .prompts import PROTOCOLS
     from .tasks import FAMILIES, SPLITS
@@ -187,10 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", default="data/mmla")
     sp.set_defaults(func=cmd_download)
 
-    from . import experiment, export, report, training, video
+    from . import experiment, export, report, video
 
-    for mod in (report, video, training, experiment, export):  # report, check-data, train/merge, run, export
-        mod.add_cli(sub)
+    for add in (report.add_cli, video.add_cli, add_train_cli, experiment.add_cli, export.add_cli):
+        add(sub)  # report, check-data, train/merge, run, export
     _moved(sub, "train-video", "mmla train (the modality comes from the model, or --modality)", "train")
     _moved(sub, "video-run", "mmla run CONFIG.yaml", "run")
     return p

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from . import data as data_mod
 from . import video as video_mod
-from .config import coerce, parse_overrides, read_yaml
+from .config import coerce
 from .prompts import PROTOCOLS, render, target
 from .runs import claim, environment, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, \
     writing
@@ -131,6 +131,9 @@ class TrainConfig:
     save_steps: int = 10  # resume checkpoints
     save_total_limit: int = 2
     logging_steps: int = 1
+    # SFT of several datasets in one process over one frozen base, one adapter per dataset: read by mmla.cli and
+    # mmla.experiment, which call mmla.multilora.train (issue 11); `train` here trains them one after another
+    concurrent: bool = False
     explicit: list[str] = field(default_factory=list)  # set by make_config: the keys the user gave (kept per dataset)
 
 
@@ -566,60 +569,3 @@ def merge(model: str, adapter: str, out: str, dtype: str = "auto", trust_remote_
         tok.save_pretrained(dest)
     write_json(dest / "mmla_merge.json", {"base": model, "adapter": str(adapter), "dtype": dtype})
     return dest
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def cmd_train(a) -> int:
-    values = read_yaml(a.config) if a.config else {}
-    for key in ("model", "data", "datasets", "preset", "out", "modality", "frames", "num_frames", "fps", "max_pixels"):
-        if getattr(a, key, None) is not None:
-            values[key] = getattr(a, key)
-    if getattr(a, "no_frame_cache", False):
-        values["no_frame_cache"] = True
-    values.update(parse_overrides(a.overrides))
-    if "datasets" not in values:  # training every dataset is never a default
-        raise ValueError("mmla train needs --datasets: one name (SFT), a comma list (SFT each) or all (IT)")
-    cfg = make_config(values)
-    results = train(cfg, progress=not a.no_progress)
-    if is_main():
-        for name, r in results.items():
-            best = r.get("best") or {}
-            sel = f", best {best.get('metric')} {best.get('value')} at step {best.get('step')}" if best else ""
-            print(f"{name}: {r['adapter']} ({r['steps']} steps{sel})")
-    return 0
-
-
-def cmd_merge(a) -> int:
-    dest = merge(a.model, a.adapter, a.out, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
-    print(f"merged model: {dest}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    sp = subparsers.add_parser(
-        "train", help="LoRA SFT (one adapter per dataset) or IT (--datasets all: one adapter on all), text or video",
-        description="Fine-tune with LoRA. Config: defaults < --preset < --config YAML < flags < key=value. The "
-                    "modality comes from the model (a vision-language model trains on video) or --modality. "
-                    "Rerun the same command to resume from the last checkpoint.")
-    sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_epochs=2")
-    sp.add_argument("--config", help="a YAML file of TrainConfig keys")
-    sp.add_argument("--model", help="HF id, local path or alias (default smollm2-135m)")
-    sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
-    sp.add_argument("--datasets", help="one name (SFT), a comma list (SFT each) or all (IT); required here or in "
-                                       "--config")
-    sp.add_argument("--preset", choices=PRESET_NAMES, help="paper (official configuration) | fast")
-    sp.add_argument("--modality", choices=MODALITIES, help="auto (default): video for a vision-language model")
-    sp.add_argument("--out", help="output directory (rerun to resume)")
-    video_mod.frame_args(sp)
-    sp.add_argument("--no-progress", action="store_true")
-    sp.set_defaults(func=cmd_train)
-
-    sp = subparsers.add_parser("merge", help="merge a LoRA adapter into its base model (safetensors)")
-    sp.add_argument("--model", required=True, help="the base model (HF id, local path or alias)")
-    sp.add_argument("--adapter", required=True, help="adapter directory (e.g. <train out>/adapter)")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    sp.add_argument("--trust-remote-code", action="store_true")
-    sp.set_defaults(func=cmd_merge)

@@ -1,0 +1,544 @@
+"""Many LoRA adapters trained concurrently over one frozen base: SFT for several datasets in one process, text or
+video (issue 11).
+
+The paper trains one LoRA adapter per dataset at an effective batch of 4, which leaves an accelerator mostly idle.
+The base model is frozen and the same for every dataset, so the runs can share it: each micro-batch holds the next
+micro-batch of every dataset still training, and each row goes through its own dataset's adapter only.
+
+Routing. peft's LoRA layers compute a mixed batch with `adapter_names=` (one adapter name per row, each adapter
+applied to its own rows through an index). That layer-level computation is differentiable; only PeftModel.forward
+refuses `adapter_names` in training mode. So the names are injected with our own forward pre-hooks on the LoRA
+layers (`Router`), and gradients reach only the adapter that owns a row. Video rows go through the same seam
+(mmla.inputs) and collator as in a separate run: their media tensors are concatenated in row order, the vision
+tower (no LoRA) sees them all, and the language model's LoRA layers route each row to its dataset's adapter.
+
+Per adapter, the same maths as a separate `mmla train` run of that dataset (tests/test_multilora.py checks weights
+and loss curves against one): its config (for video the paper table's row of its dataset), the LoRA initialisation
+(the global RNG reseeded with cfg.seed before each adapter is added, as a separate run does before get_peft_model),
+the data order (the Trainer's seedable sampler: a permutation drawn from seed + epoch each epoch), its own number of
+steps and epochs, the loss normalised over the answer tokens of its own optimiser step (num_items_in_batch), its own
+AdamW state, learning-rate schedule and grad-norm clipping, dev evaluation, best-adapter selection and output
+directory (adapter/, best.json, train_log.jsonl, config.yaml, env.json, train_result.json). Datasets of different
+sizes finish at different steps; the batch then holds the rest.
+
+Resume: every `save_steps` joint steps a checkpoint (all adapters' weights, optimiser and scheduler states, steps)
+is written to <out>/.checkpoint.tmp and renamed to <out>/checkpoint; rerunning resumes from it. <out>/concurrent.json
+records the dataset set and preset; a rerun with others is refused.
+
+This module sits above mmla.training (whose config, data and separate runs it reuses); `mmla train --concurrent`
+(mmla.cli) and `sft: {concurrent: true}` (mmla.experiment) call `train` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from . import data as data_mod
+from . import training
+from . import video as video_mod
+from .runs import claim, environment, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
+from .trainer import IGNORE, Collator, DevEval, answer_positions, bf16_frozen_matmuls, precision_for, say
+from .training import TrainConfig, _check_identity, _record, build_split, frame_setting, validate, with_preset
+
+CKPT = "checkpoint"
+
+
+class Router:
+    """Per-row adapter names for every LoRA layer: `rows` (one name per row of the batch) or `only` (all rows)."""
+
+    def __init__(self):
+        self.rows: list[str] | None = None
+        self.only: str | None = None
+
+    def attach(self, model) -> int:
+        from peft.tuners.lora import LoraLayer
+
+        n = 0
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.register_forward_pre_hook(self._hook, with_kwargs=True)
+                n += 1
+        return n
+
+    def _hook(self, module, args, kwargs):
+        if self.rows is None and self.only is None:
+            return None
+        x = args[0] if args else kwargs["x"]
+        kwargs["adapter_names"] = self.rows if self.rows is not None else [self.only] * x.shape[0]
+        return args, kwargs
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The row order of one epoch in a separate run: accelerate's SeedableRandomSampler (the Trainer's default)
+    draws torch.randperm from a generator seeded with seed + epoch."""
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+@dataclasses.dataclass
+class Plan:
+    """One adapter's schedule, as the Trainer computes it from the dataloader length."""
+
+    n_rows: int
+    batch: int
+    accum: int
+    seed: int
+    max_steps: int = 0
+    batches_per_epoch: int = 0
+    steps_per_epoch: int = 0
+
+    @classmethod
+    def make(cls, cfg: TrainConfig, n_rows: int) -> "Plan":
+        p = cls(n_rows, cfg.per_device_batch_size, cfg.gradient_accumulation_steps, cfg.seed)
+        p.batches_per_epoch = math.ceil(n_rows / p.batch)
+        p.steps_per_epoch = max(p.batches_per_epoch // p.accum + int(p.batches_per_epoch % p.accum > 0), 1)
+        p.max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * p.steps_per_epoch)
+        return p
+
+    def steps(self, start: int = 0):
+        """Yield (step, epoch as the Trainer logs it, [micro-batch row indices]) for steps start+1 .. max_steps."""
+        step = 0
+        for epoch in range(math.ceil(self.max_steps / self.steps_per_epoch)):
+            if step + self.steps_per_epoch <= start:  # a whole epoch already trained: no need to draw its order
+                step += self.steps_per_epoch
+                continue
+            order = epoch_order(self.n_rows, self.seed, epoch)
+            micro = [order[i : i + self.batch] for i in range(0, self.n_rows, self.batch)]
+            for u in range(self.steps_per_epoch):
+                mb = micro[u * self.accum : (u + 1) * self.accum]
+                step += 1
+                if step > start:
+                    yield step, epoch + (u * self.accum + len(mb)) / self.batches_per_epoch, mb
+                if step >= self.max_steps:
+                    return
+
+
+class Adapter:
+    """One dataset's adapter: its config, data, plan, optimiser, schedule, evaluation and output directory."""
+
+    def __init__(self, cfg: TrainConfig, ds: str, name: str, out: Path, inputs, collate: Collator, cache):
+        self.cfg, self.ds, self.name, self.out = cfg, ds, name, out
+        self.train = build_split(cfg, inputs, [ds], "train", cfg.limit, cache=cache)
+        if len(self.train.items) == 0:
+            raise ValueError(f"no train row of {ds} has a usable clip (mmla check-data lists them)")
+        self.plan = Plan.make(cfg, len(self.train.items))
+        self.dev_eval = None
+        if cfg.eval_steps > 0 and "dev" in data_mod.available_splits(Path(cfg.data), ds):
+            dev = build_split(cfg, inputs, [ds], "dev", cfg.eval_limit, subset=True, cache=cache)
+            if len(dev.items):
+                self.dev_eval = DevEval(cfg, inputs, dev, collate, cache)
+        if cfg.eval_steps > 0 and self.dev_eval is None:
+            say(f"no dev rows for {ds}: no dev evaluation, the final adapter is kept")
+        best = out / "best.json"
+        self.best = read_json(best) if best.exists() else None
+        self.step, self.epoch, self.done = 0, 0.0, (out / "train_result.json").exists()
+        self.params: list = []
+        self.optimizer = self.scheduler = self.it = None
+        self.losses: list[float] = []  # this session's step losses (train_loss, as the Trainer reports it)
+        self.t_start = time.time()
+
+    def log(self, rec: dict) -> None:
+        with open(self.out / "train_log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _optimiser(model, a: Adapter, precision: str, device) -> None:
+    """The Trainer's optimiser and schedule (create_optimizer / create_scheduler) over this adapter's parameters,
+    from the TrainingArguments a separate run of its config builds."""
+    from transformers import Trainer, TrainingArguments, get_scheduler
+
+    c = a.cfg
+    args = TrainingArguments(
+        output_dir="unused", learning_rate=c.learning_rate, lr_scheduler_type=c.lr_scheduler,
+        warmup_steps=c.warmup_ratio, weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm, optim=c.optim,
+        seed=c.seed, bf16=precision == "bf16", use_cpu=device.type == "cpu", report_to="none")
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
+    mine = [(n, p) for n, p in model.named_parameters() if f".{a.name}." in n]
+    a.params = [p for _, p in mine]
+    groups = [{"params": [p for n, p in mine if n in decay], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in mine if n not in decay], "weight_decay": 0.0}]
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    a.optimizer = cls(groups, **kwargs)
+    a.scheduler = get_scheduler(args.lr_scheduler_type, optimizer=a.optimizer,
+                                num_warmup_steps=args.get_warmup_steps(a.plan.max_steps),
+                                num_training_steps=a.plan.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model, a: Adapter, dest: Path) -> None:
+    """The adapter as an ordinary peft directory (what a separate run writes), atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(dest):
+        model.save_pretrained(str(tmp), selected_adapters=[a.name])  # peft writes a non-default adapter to tmp/<name>
+    if (tmp / "README.md").exists():  # the model card, which a separate run keeps beside the adapter
+        os.replace(tmp / "README.md", tmp / a.name / "README.md")
+    _replace_dir(tmp / a.name, dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(out: Path, model, adapters: list[Adapter], joint_step: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = out / f".{CKPT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    live = [a for a in adapters if not a.done]
+    names = {id(p): n for n, p in model.named_parameters()}
+    with writing(out / CKPT):
+        save_file({names[id(p)]: p.detach().cpu().contiguous() for a in live for p in a.params},
+                  str(tmp / "adapters.safetensors"))
+        for a in live:
+            torch.save({"optimizer": a.optimizer.state_dict(), "scheduler": a.scheduler.state_dict()},
+                       tmp / f"{a.name}.pt")
+    write_json(tmp / "state.json", {"joint_step": joint_step, "steps": {a.ds: a.step for a in live},
+                                    "names": {a.ds: a.name for a in live}})
+    _replace_dir(tmp, out / CKPT)
+
+
+def load_checkpoint(out: Path, model, adapters: list[Adapter]) -> int:
+    """Restore the adapters still training from <out>/checkpoint; returns the joint step (0: none)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ck = out / CKPT
+    if not (ck / "state.json").exists() and (out / f".{CKPT}.old" / "state.json").exists():
+        ck = out / f".{CKPT}.old"  # killed between the two renames
+    if not (ck / "state.json").exists():
+        return 0
+    state = read_json(ck / "state.json")
+    try:
+        weights = load_file(str(ck / "adapters.safetensors"))
+    except Exception as e:  # written before the rename, so only a damaged disk gets here
+        raise ValueError(f"{ck}: unreadable checkpoint ({type(e).__name__}); remove it to start again") from None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in weights.items():
+            params[key].copy_(value)
+    for a in adapters:
+        if a.done or a.ds not in state["steps"]:
+            continue
+        a.step = state["steps"][a.ds]
+        saved = torch.load(ck / f"{a.name}.pt", weights_only=True)
+        a.optimizer.load_state_dict(saved["optimizer"])
+        a.scheduler.load_state_dict(saved["scheduler"])
+        write_jsonl(a.out / "train_log.jsonl", [r for r in read_jsonl(a.out / "train_log.jsonl")[0]
+                                                if r.get("step", 0) <= a.step])
+    return state["joint_step"]
+
+
+def _check_run_dir(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
+    path = out / "concurrent.json"
+    want = {"datasets": datasets, "preset": cfg.preset}
+    if path.exists():
+        have = read_json(path)
+        for key, value in want.items():
+            if have.get(key) != value:
+                show = lambda v: ",".join(v) if isinstance(v, list) else v  # noqa: E731
+                raise ValueError(f"{path}: this run directory trains {key} {show(have.get(key))}, not {show(value)}; "
+                                 f"use another --out")
+    else:
+        write_json(path, want)
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, progress: bool = True, model=None, frame_cache: video_mod.FrameCache | None = None) -> dict:
+    """`mmla train --concurrent`: SFT of the datasets with a train split, all at once into <out>/<DS>/ (the layout
+    of `training.train` for several datasets). With fewer than two such datasets there is nothing to share and this
+    is `training.train`. Returns {dataset: summary}."""
+    cfg = validate(dataclasses.replace(cfg))
+    if cfg.setting != "sft":
+        raise ValueError("concurrent training is for SFT (one adapter per dataset), not setting=it: name the "
+                         "datasets (e.g. --datasets MELD,MOSI) or drop concurrent")
+    cfg.data = str(data_mod.data_root(cfg.data))
+    have = [ds for ds in cfg.datasets if "train" in data_mod.available_splits(Path(cfg.data), ds)]
+    if len(have) < 2:
+        return training.train(cfg, progress, model, frame_cache)
+    missing = [ds for ds in cfg.datasets if ds not in have]
+    if missing:
+        say(f"no train split in {cfg.data} for {', '.join(missing)}: no adapter trained "
+            f"(training on {len(have)} of {len(cfg.datasets)} datasets)")
+    return train_concurrent(cfg, have, Path(cfg.out), progress, model, frame_cache)
+
+
+def _check_config(cfg: TrainConfig, datasets: list[str]) -> None:
+    if cfg.setting != "sft":
+        raise ValueError("concurrent training is for SFT (one adapter per dataset), not setting=it")
+    if cfg.batching == "packed":
+        raise ValueError("concurrent training routes whole rows to adapters: use batching=padded or causal, not packed")
+    if cfg.group_by_length:
+        raise ValueError("concurrent training reproduces the random sampler: set group_by_length=false")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("concurrent training runs in one process: start it without torchrun / accelerate launch")
+    if len(set(datasets)) != len(datasets):
+        raise ValueError(f"concurrent training: a dataset is named twice in {','.join(datasets)}")
+
+
+def _step_losses(model, batch: dict, owner, n_items, n_adapters: int, answer_only: bool):
+    """Forward one joint micro-batch; returns the per-adapter losses (sum of answer-token cross-entropy over the
+    adapter's rows / the adapter's answer tokens in its whole optimiser step), as a vector."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch.pop("labels")
+    if answer_only:
+        keep = answer_positions(labels)
+        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits.float()
+        token = F.cross_entropy(logits, labels[:, 1:][keep[:, :-1]], reduction="none")
+        row = torch.zeros(labels.shape[0], device=token.device).index_add(0, keep.nonzero()[:, 0], token)
+    else:  # the model's own loss: full-vocabulary logits, shifted labels, -100 ignored
+        logits = model(**batch, use_cache=False).logits.float()
+        shift = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+        token = F.cross_entropy(logits.flatten(0, 1), shift.flatten(), ignore_index=IGNORE, reduction="none")
+        row = token.view(shift.shape).sum(-1)
+    per = torch.zeros(n_adapters, device=row.device).index_add(0, owner, row)
+    return per / n_items
+
+
+def _setup(cfg: TrainConfig, datasets: list[str], out: Path, model, frame_cache):
+    """Load the base (or take the given (model, tokenizer or processor) pair), build every adapter's data, add one
+    LoRA adapter per dataset and the router. Returns (model, router, adapters, precision, device, collate, extra)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    from .inputs import make_inputs
+    from .models import load_model, pick_device
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    precision = precision_for(cfg, device)
+    video = cfg.modality == "video"
+    if model is None:
+        model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
+                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
+    else:
+        model, tok = model
+    inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
+    cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
+    collate = Collator(inputs.pad_id, cfg.batching, inputs.forward_kwargs if video else None)
+    adapters = []
+    for i, ds in enumerate(datasets):
+        (out / ds).mkdir(parents=True, exist_ok=True)
+        adapters.append(Adapter(with_preset(cfg, ds), ds, f"a{i}", out / ds, inputs, collate, cache))
+    if precision == "mixed":
+        bf16_frozen_matmuls(model)
+    for c in (model.config, getattr(model.config, "text_config", None)):
+        if c is not None:
+            c.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    with warnings.catch_warnings():  # peft calls a transformers property that warns of its own deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        for a in adapters:
+            c = a.cfg
+            lora = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                              target_modules=c.lora_target or inputs.lora_target, task_type="CAUSAL_LM")
+            set_seed(cfg.seed)  # each adapter initialised as a separate run of this config initialises its one
+            if not hasattr(model, "peft_config"):
+                model = get_peft_model(model, lora, adapter_name=a.name)
+            else:
+                model.add_adapter(a.name, lora)
+    for n, p in model.named_parameters():  # peft leaves only the active adapter trainable
+        p.requires_grad_(".lora_" in n)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    router = Router()
+    router.attach(model)
+    for a in adapters:
+        _optimiser(model, a, precision, device)
+    frames = {"frame_setting": inputs.setting.record()} if video else {}
+    extra = {"frames": frames, "video": video, "cache": cache, "lora_target": cfg.lora_target or inputs.lora_target}
+    return model, router, adapters, precision, device, collate, extra
+
+
+def train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool = True, model=None,
+                     frame_cache: video_mod.FrameCache | None = None) -> dict:
+    """Train one LoRA adapter per dataset, all at once over one frozen base, into <out>/<DS>/. Resumes from
+    <out>/checkpoint; skips adapters already finished. `model`: an already loaded (model, tokenizer or processor)
+    pair (benchmarks). Returns {dataset: summary}. One writer per run directory: another process in `out` or in
+    one of its <DS> directories is refused."""
+    _check_config(cfg, datasets)
+    out = Path(out)
+    with contextlib.ExitStack() as held:
+        for d in [out] + [out / ds for ds in datasets]:
+            held.enter_context(claim(d, "train"))
+        return _train_concurrent(cfg, datasets, out, progress, model, frame_cache)
+
+
+def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool, model, frame_cache) -> dict:
+    _check_run_dir(out, cfg, datasets)
+    for ds in datasets:
+        _check_identity(out / ds, with_preset(cfg, ds), [ds])
+    if all((out / ds / "train_result.json").exists() for ds in datasets):
+        say(f"already trained: {', '.join(datasets)} in {out}")
+        return {ds: read_json(out / ds / "train_result.json") for ds in datasets}
+
+    import torch
+
+    model, router, adapters, precision, device, collate, extra = _setup(cfg, datasets, out, model, frame_cache)
+    ckpt_step = load_checkpoint(out, model, adapters)
+    if ckpt_step:
+        say(f"resuming from joint step {ckpt_step} in {out} (" + ", ".join(
+            f"{a.ds} step {a.step}" for a in adapters if not a.done) + ")")
+    frames, video = extra["frames"], extra["video"]
+    for a in adapters:
+        if a.done:
+            say(f"already trained: {a.out / 'adapter'}")
+            continue
+        if not ckpt_step and (a.out / "train_log.jsonl").exists():
+            (a.out / "train_log.jsonl").unlink()
+        a.it = a.plan.steps(a.step)
+        dev = a.dev_eval.dev if a.dev_eval else None
+        write_config(a.out / "config.yaml", {**_record(a.cfg, [a.ds]), **frames})
+        write_json(a.out / "env.json", {
+            **environment(str(device)), "precision": precision, "world_size": 1, "lora_target": extra["lora_target"],
+            "train_rows": len(a.train.items), "train_truncated": a.train.truncated,
+            "dev_rows": len(dev.items) if dev else 0,
+            **({**frames, "train_missing_clips": len(a.train.missing), "dev_missing_clips": len(dev.missing) if dev
+                else 0, "frame_cache": str(extra["cache"].root) if extra["cache"].enabled else None} if video else {}),
+            "trainable_parameters": sum(p.numel() for p in a.params),
+            "concurrent_with": [b.ds for b in adapters if b is not a]})
+
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else torch.autocast(device.type, enabled=False))
+    live = [a for a in adapters if not a.done]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max(a.plan.max_steps - a.step for a in live) if live else 0,
+                   desc=f"train {len(live)} adapters", unit="step", dynamic_ncols=True)
+    joint, t_start, train_time = ckpt_step, time.time(), 0.0
+    joint_log = out / "joint_log.jsonl"
+    if joint_log.exists():  # drop what a killed run logged after its last checkpoint
+        write_jsonl(joint_log, [r for r in read_jsonl(joint_log)[0] if r["joint_step"] <= ckpt_step])
+    model.train()
+    while live:
+        t0 = time.time()
+        todo = []  # (adapter, step, epoch, its micro-batches of items); video items are built here, once
+        for a in live:
+            step, epoch, micro = next(a.it)
+            todo.append((a, step, epoch, [[a.train.items[i] for i in mb] for mb in micro]))
+        index = {a.name: k for k, (a, *_rest) in enumerate(todo)}
+        # each adapter's loss over the answer tokens of its whole optimiser step, as the Trainer's num_items_in_batch
+        n_items = torch.tensor([max(sum(sum(t != IGNORE for t in it["labels"][1:]) for mb in micro for it in mb), 1)
+                                for *_r, micro in todo], dtype=torch.float32, device=device)
+        step_loss = torch.zeros(len(todo), dtype=torch.float64)
+        tokens = [0] * len(todo)
+        for j in range(max(len(m) for *_r, m in todo)):
+            rows, owners = [], []
+            for a, _, _, micro in todo:
+                if j < len(micro):
+                    rows += micro[j]
+                    owners += [a.name] * len(micro[j])
+            batch = collate(rows)
+            batch.pop("num_tokens")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            owner = torch.tensor([index[o] for o in owners], device=device)
+            for r, o in zip(rows, owners):
+                tokens[index[o]] += len(r["input_ids"])
+            router.rows = owners
+            with autocast:
+                per = _step_losses(model, batch, owner, n_items, len(todo), cfg.answer_logits_only)
+            per.sum().backward()
+            step_loss += per.detach().double().cpu()
+        router.rows = None
+        dt = max(time.time() - t0, 1e-9)
+        train_time += dt
+        joint += 1
+        with open(joint_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"joint_step": joint, "adapters": len(todo), "tokens": sum(tokens),
+                                "tokens_per_s": round(sum(tokens) / dt, 1)}) + "\n")
+        for k, (a, step, epoch, _) in enumerate(todo):
+            grad_norm = None
+            if a.cfg.max_grad_norm > 0:  # this adapter's own norm, as a separate run clips its only adapter
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(a.params, a.cfg.max_grad_norm))
+            a.optimizer.step()
+            lr = a.scheduler.get_last_lr()[0]
+            a.scheduler.step()
+            a.optimizer.zero_grad(set_to_none=True)
+            a.step, a.epoch = step, epoch
+            loss = float(step_loss[k])
+            a.losses.append(loss)
+            if step % a.cfg.logging_steps == 0 or step == a.plan.max_steps:
+                rec = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
+                       "tokens_per_s": round(tokens[k] / dt, 1), "tokens": tokens[k]}
+                if grad_norm is not None:
+                    rec["grad_norm"] = grad_norm
+                a.log(rec)
+            if a.dev_eval is not None and (step % a.cfg.eval_steps == 0 or step == a.plan.max_steps):
+                _evaluate(model, router, a)
+            if step == a.plan.max_steps:
+                _finish(model, a, adapters, precision, video)
+        live = [a for a in live if not a.done]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(adapters=len(todo), tok_s=f"{sum(tokens) / dt:.0f}")
+        if live and joint % cfg.save_steps == 0:
+            save_checkpoint(out, model, adapters, joint)
+    if bar is not None:
+        bar.close()
+    shutil.rmtree(out / CKPT, ignore_errors=True)
+    write_json(out / "concurrent_result.json", {"datasets": datasets, "joint_steps": joint,
+                                                 "max_steps": {a.ds: a.plan.max_steps for a in adapters},
+                                                 "train_time_s": round(train_time, 3),
+                                                 "wall_s": round(time.time() - t_start, 1)})
+    return {a.ds: read_json(a.out / "train_result.json") for a in adapters}
+
+
+def _evaluate(model, router: Router, a: Adapter) -> None:
+    t0 = time.time()
+    router.only = a.name
+    try:
+        metrics = a.dev_eval(model)
+    finally:
+        router.only = None
+    metrics["eval_runtime"] = round(time.time() - t0, 2)
+    a.log({"step": a.step, **metrics})
+    value = metrics[a.cfg.select_metric]
+    if a.best is not None and value <= a.best["value"]:
+        return
+    a.best = {"step": a.step, "metric": a.cfg.select_metric, "value": value,
+              **{k: v for k, v in metrics.items() if k.endswith("accuracy")}}
+    save_adapter(model, a, a.out / "adapter")
+    write_json(a.out / "best.json", a.best)
+
+
+def _finish(model, a: Adapter, adapters: list[Adapter], precision: str, video: bool) -> None:
+    if a.dev_eval is None:
+        save_adapter(model, a, a.out / "adapter")
+    summary = {"adapter": str(a.out / "adapter"), "datasets": [a.ds], "steps": a.step, "epochs": round(a.epoch, 4),
+               "train_loss": sum(a.losses) / max(len(a.losses), 1),
+               "train_runtime_s": round(time.time() - a.t_start, 1), "best": a.best, "precision": precision,
+               "world_size": 1, **({"train_missing_clips": len(a.train.missing)} if video else {}),
+               "concurrent_with": [b.ds for b in adapters if b is not a]}
+    write_json(a.out / "train_result.json", summary)
+    a.done = True
+    for p in a.params:  # a finished adapter no longer takes part
+        p.requires_grad_(False)
