@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	MMLA_DATA=$(DATA) $(BIN)/python -m mmla.demo
+	MMLA_DATA=$(DATA) $(BIN)/python -m mmla.cli demo
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE MMLA_DATA=$(DATA) $(BIN)/python -m pytest -q

@@ -18,8 +18,8 @@ LAYERS = [
     {"multilora"},
     {"experiment"},
     {"report", "export"},
-    {"cli"},
     {"demo"},
+    {"cli"},
 ]
 
 

@@ -191,6 +191,12 @@ def add_train_cli(subparsers) -> None:
     sp.set_defaults(func=cmd_merge)
 
 
+def cmd_demo(a) -> int:
+    from .demo import run
+
+    return run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .prompts import PROTOCOLS
     from .tasks import FAMILIES, SPLITS
@@ -252,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-key-env", metavar="VAR", help="openai backend: environment variable holding the API key")
     sp.add_argument("--concurrency", type=_positive_int, default=8, help="openai backend: requests in flight")
     sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("demo", help="the whole pipeline on the embedded model (what `make demo` runs)")
+    sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("download", help="fetch the release from the Hugging Face hub")
     sp.add_argument("--to", default="data/mmla")

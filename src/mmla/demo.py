@@ -11,7 +11,6 @@ here); the tables print the paper's Qwen2-1.5B numbers beside ours. Rerunning re
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from .evaluation import format_table
@@ -22,7 +21,7 @@ OUT = Path(os.environ.get("MMLA_DEMO_OUT", "demo-out"))
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def main() -> int:
+def run() -> int:
     from . import paper
     from .experiment import load_experiment, run_experiment
     from .report import build_report
@@ -48,7 +47,3 @@ def main() -> int:
     html = build_report(runs, OUT / "report")
     print(f"\n[3/3] report: {html}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
