@@ -147,11 +147,11 @@ def _key(r: dict) -> tuple:
     return r["dataset"], r["split"], r["id"], r.get("sample", 0)
 
 
-def merge(out: Path, expected: set | None = None) -> dict:
+def merge(out: Path, expected: list[tuple] | None = None) -> dict:
     """Fold every part file into predictions.jsonl (one atomic rewrite), then remove the parts. One record per
     (dataset, split, id, sample): the last written, except that a failed clip never replaces a good answer (a part
-    of an earlier run may hold a failure that a later run retried). With `expected`, check that each of those rows
-    is in predictions.jsonl exactly once afterwards."""
+    of an earlier run may hold a failure that a later run retried). With `expected` (row keys in the order of the
+    data), the rows are written in that order (other records after them) and each must be there exactly once."""
     pred = out / "predictions.jsonl"
     parts = part_files(out)
     stats = {"parts": len(parts), "records_read": 0}
@@ -164,6 +164,9 @@ def merge(out: Path, expected: set | None = None) -> dict:
                 k = _key(rec)
                 if k not in kept or not rec.get("clip_error") or kept[k].get("clip_error"):
                     kept[k] = rec
+        if expected is not None:  # the data's order, as one process would list the datasets
+            rank = {k: i for i, k in enumerate(expected)}
+            kept = dict(sorted(kept.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         tmp = pred.with_suffix(".merge.tmp")
         tmp.write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in kept.values()),
                        encoding="utf-8")
@@ -171,7 +174,7 @@ def merge(out: Path, expected: set | None = None) -> dict:
         for p in parts:  # after the rewrite: a kill in between leaves duplicates, which the next merge drops
             p.unlink()
     if expected is not None:
-        check(pred, expected)
+        check(pred, set(expected))
     return stats
 
 

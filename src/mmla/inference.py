@@ -286,7 +286,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
         if not ranks.main:
             distributed.barrier(ranks)
             return json.loads((out / "metrics.json").read_text())
-        env["merge"] = distributed.merge(out, keys)
+        env["merge"] = distributed.merge(out, [(e.dataset, e.split, e.id, k) for e, k in wanted])
     records = [r for r in dedupe(read_jsonl(pred_path)[0]) if key(r) in keys]
     result = evaluate_samples(records)
     result["skipped_rows"] = len(skipped)

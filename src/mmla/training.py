@@ -517,7 +517,8 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
     summary = {"adapter": str(out / "adapter"), "datasets": datasets, "steps": step,
                "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
                "train_runtime_s": round(time.time() - t0, 1), "best": run.best, "precision": precision,
-               "world_size": world, **({"train_missing_clips": len(train_split.missing)} if video else {})}
+               "world_size": world, "distributed_type": str(trainer.accelerator.distributed_type.value),
+               **({"train_missing_clips": len(train_split.missing)} if video else {})}
     if trainer.is_world_process_zero():
         write_json(done, summary)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
