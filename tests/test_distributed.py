@@ -199,3 +199,22 @@ def test_deepspeed_lora_sft_two_processes_follow_one(config, one_process_losses,
     assert len(losses) == len(one_process_losses) == 4
     assert losses == pytest.approx(one_process_losses, rel=1e-4), (losses, one_process_losses)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_device_map_training_keeps_the_loss_and_refuses_disk(tiny_llama, data_root, tmp_path):
+    """device_map=auto for LoRA training: the dispatched base model trains to the same losses; a max_memory that
+    would push weights to disk is refused in one line."""
+    from mmla import training
+    from mmla.training import make_config
+
+    base = {"model": str(tiny_llama), "data": str(data_root), "datasets": "MUStARD", "limit": 8, "max_steps": 2,
+            "eval_steps": 0, "save_steps": 100, "threads": 1}
+    plain = training.train(make_config({**base, "out": str(tmp_path / "plain")}), progress=False)
+    mapped = training.train(make_config({**base, "device_map": "auto", "max_memory": "cpu=1GB",
+                                         "out": str(tmp_path / "mapped")}), progress=False)
+    assert _losses(tmp_path / "mapped") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-6)
+    assert mapped["MUStARD"]["train_loss"] == pytest.approx(plain["MUStARD"]["train_loss"], rel=1e-6)
+    with pytest.raises(ValueError) as e:
+        training.train(make_config({**base, "device_map": "auto", "max_memory": "cpu=1MB",
+                                    "out": str(tmp_path / "disk")}), progress=False)
+    assert "\n" not in str(e.value) and "disk" in str(e.value)

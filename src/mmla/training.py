@@ -56,7 +56,7 @@ from .prompts import PROTOCOLS, render, target
 from .runs import environment, read_config, read_jsonl, write_config, write_json
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 from .trainer import Collator, DevEval, Run, VideoItems, bf16_frozen_matmuls, is_main, last_checkpoint, \
-    precision_for, say, save_adapter, trainer_classes
+    placement, precision_for, refuse_disk, say, save_adapter, trainer_classes
 
 SETTINGS = ("sft", "it")
 PRESET_NAMES = ("paper", "fast")
@@ -118,6 +118,8 @@ class TrainConfig:
     group_by_length: bool = False
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    device_map: str | None = None  # auto: one copy of the base model split over the GPUs, then CPU (one process)
+    max_memory: str | None = None  # with device_map: per-device caps, e.g. "0=70GiB,1=70GiB,cpu=200GiB"
     threads: int | None = None  # torch CPU threads
     trust_remote_code: bool = False
     # dev evaluation, model selection, checkpoints, logging
@@ -300,6 +302,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.eval_steps < 0:
         raise ValueError(f"eval_steps must be >= 0, got {cfg.eval_steps}")
+    if cfg.device_map not in (None, "auto") or (cfg.max_memory and not cfg.device_map):
+        raise ValueError(f"device_map must be auto (max_memory needs it), got {cfg.device_map!r}")
+    if cfg.device_map and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("device_map=auto splits one model over the GPUs: run one process (not torchrun/accelerate)")
     if cfg.select_metric == "eval_gen_accuracy" and cfg.eval_gen == "none":
         raise ValueError("select_metric=eval_gen_accuracy needs eval_gen=score or generate")
     if video:
@@ -428,7 +434,8 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
     video = cfg.modality == "video"
     if model is None:
         model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
-                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
+                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality, **placement(cfg))
+        refuse_disk(model, cfg)
     else:
         model, tok = model
     inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
@@ -485,7 +492,8 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
             **({**frames, "train_missing_clips": len(train_split.missing),
                 "dev_missing_clips": len(dev.missing) if dev else 0,
                 "frame_cache": str(cache.root) if cache.enabled else None} if video else {}),
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "hf_device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None})
 
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
