@@ -218,3 +218,41 @@ def test_device_map_training_keeps_the_loss_and_refuses_disk(tiny_llama, data_ro
         training.train(make_config({**base, "device_map": "auto", "max_memory": "cpu=1MB",
                                     "out": str(tmp_path / "disk")}), progress=False)
     assert "\n" not in str(e.value) and "disk" in str(e.value)
+
+
+def test_mmla_run_video_under_torchrun(videos_dir, data_root, tmp_path):
+    """`mmla run` on a video model under torchrun: every rank runs the stages; its zero-shot and SFT predict
+    stages are shared (video rows, clips decoded per rank), training is DDP, and the stage files are written
+    once. The merged zero-shot rows equal a one-process `mmla predict` of the same config."""
+    import yaml
+    from video_fixtures import make_video_root
+
+    from mmla.tiny import build_tiny_video_model
+
+    model = build_tiny_video_model("qwen2-vl", tmp_path / "tiny-vl")
+    root = make_video_root(tmp_path / "data", videos_dir)
+    predict_section = {"modality": "video", "max_new_tokens": 4, "batch_size": 4, "device": "cpu", "threads": 1}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "model": str(model), "data": str(root), "datasets": "MELD,MUStARD",
+        "out": str(tmp_path / "exp"), "stages": ["zero-shot", "sft"], "predict": predict_section,
+        "train": {"max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "eval_steps": 0,
+                  "device": "cpu", "threads": 1},
+        "sft": {"datasets": "MELD"}}))
+    env = {**_env(), "MMLA_FRAME_CACHE": str(tmp_path / "frames")}
+    r = subprocess.run([*TORCHRUN, "-m", "mmla.cli", "run", str(path), "--no-progress"], env=env,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "exp"
+    assert r.stdout.count("| dataset |") == 1 and (out / "results.json").is_file()
+    zs_env = json.loads((out / "zero-shot" / "env.json").read_text())
+    assert sum(x["rows"] for x in zs_env["ranks"]) == 7 and min(x["rows"] for x in zs_env["ranks"]) >= 3
+    assert json.loads((out / "sft-train" / "MELD" / "train_result.json").read_text())["world_size"] == 2
+    assert json.loads((out / "sft" / "metrics.json").read_text())["per_dataset"]["MELD"]["n"] == 5
+    one = tmp_path / "one"
+    predict(PredictConfig(model=str(model), data=str(root), datasets=["MELD", "MUStARD"], out=str(one),
+                          **predict_section), progress=False)
+    strip = lambda rows: {(x["dataset"], x["id"]): (x["output"], x.get("clip_error")) for x in rows}  # noqa: E731
+    assert strip(_rows(out / "zero-shot")) == strip(_rows(one))
+    assert json.loads((out / "zero-shot" / "metrics.json").read_text()) == \
+        json.loads((one / "metrics.json").read_text())
