@@ -152,3 +152,32 @@ def test_chat_text_has_one_video_placeholder(arch):
 def test_unknown_arch_names_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match="llava-onevision"):
         tiny.build_tiny_video_model("gpt-vision", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def sft_root(tmp_path_factory, videos_dir):
+    from video_fixtures import make_video_root
+
+    return make_video_root(tmp_path_factory.mktemp("sft-data"), videos_dir)
+
+
+@pytest.mark.parametrize("arch", tiny.TINY_VIDEO_ARCHS)
+def test_every_architecture_trains_a_lora_step(arch, tmp_path, sft_root):
+    """No code per model for training either: one LoRA SFT step on real-size-shaped inputs of real clips, through
+    the one trainer; only the language model's linear layers get adapter weights."""
+    from safetensors.torch import load_file
+
+    from mmla import training
+    from mmla.video import FrameCache
+
+    path = tiny.build_tiny_video_model(arch, tmp_path / arch)
+    cfg = training.make_config({"model": str(path), "data": str(sft_root), "datasets": "MELD", "max_steps": 1,
+                                "per_device_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+                                "warmup_ratio": 0, "eval_steps": 0, "save_steps": 100, "device": "cpu",
+                                "threads": 1, "out": str(tmp_path / "sft")})
+    assert cfg.modality == "video"
+    res = training.train(cfg, progress=False, frame_cache=FrameCache(tmp_path / "frames"))["MELD"]
+    assert res["steps"] == 1 and res["train_loss"] > 0
+    weights = load_file(tmp_path / "sft" / "adapter" / "adapter_model.safetensors")
+    assert weights and all("language_model" in k for k in weights), sorted(weights)[:3]
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import run_command
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
@@ -45,21 +47,30 @@ def cmd_prompts(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluation import evaluate_records, format_table
+    from .evaluation import evaluate_samples, format_table
     path = Path(a.predictions)
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        raise ValueError(f"{path}: {'is a directory, not a predictions file' if path.is_dir() else 'file not found'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    if not records:
+        raise ValueError(f"{path}: no predictions in this file")
     try:
-        result = evaluate_records(records)
+        result = evaluate_samples(records)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if result["duplicates_dropped"]:
+        print(f"{path}: {result['duplicates_dropped']} duplicate records of one (dataset, split, id, sample) "
+              f"dropped; the last of each is counted", file=sys.stderr)
     print(json.dumps(result, indent=2) if a.json else format_table(result))
     return 0
 
@@ -211,13 +222,8 @@ def _moved(sub, old: str, new: str, target: str) -> None:
 
 
 def run_parsed(args) -> int:
-    """Run a parsed subcommand; bad input becomes one `mmla: error:` line and exit status 2."""
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mmla: error: {msg}", file=sys.stderr)
-        return 2
+    """Run a parsed subcommand; bad input becomes one `mmla: error:` line and exit status 2 (mmla.errors)."""
+    return run_command(lambda: args.func(args))
 
 
 def main(argv: list[str] | None = None) -> int:

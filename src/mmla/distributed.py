@@ -14,12 +14,11 @@ whose parts stay too. Rerunning the command, with any number of processes, compl
 from __future__ import annotations
 
 import heapq
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runs import read_jsonl
+from .runs import PREDICTION_KEYS, read_jsonl, write_jsonl
 
 PART = "predictions.rank{}.jsonl"
 # How long a rank waits for the others at a rendezvous (rank 0 merging, the slowest rank finishing its share).
@@ -158,7 +157,7 @@ def merge(out: Path, expected: list[tuple] | None = None) -> dict:
     if parts:
         kept: dict[tuple, dict] = {}
         for path in [pred, *parts]:
-            records, _ = read_jsonl(path)  # a torn last line (a killed rank) is left out: that row is redone
+            records, _ = read_jsonl(path, PREDICTION_KEYS)  # a torn tail (a killed rank) is left out: redone
             stats["records_read"] += len(records)
             for rec in records:
                 k = _key(rec)
@@ -167,10 +166,7 @@ def merge(out: Path, expected: list[tuple] | None = None) -> dict:
         if expected is not None:  # the data's order, as one process would list the datasets
             rank = {k: i for i, k in enumerate(expected)}
             kept = dict(sorted(kept.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-        tmp = pred.with_suffix(".merge.tmp")
-        tmp.write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in kept.values()),
-                       encoding="utf-8")
-        os.replace(tmp, pred)
+        write_jsonl(pred, kept.values())
         for p in parts:  # after the rewrite: a kill in between leaves duplicates, which the next merge drops
             p.unlink()
     if expected is not None:
@@ -180,7 +176,7 @@ def merge(out: Path, expected: list[tuple] | None = None) -> dict:
 
 def check(pred: Path, expected: set) -> None:
     """Every expected row in `pred` exactly once, or one line saying which are not."""
-    records, torn = read_jsonl(pred)
+    records, torn = read_jsonl(pred, PREDICTION_KEYS)
     counts: dict[tuple, int] = {}
     for rec in records:
         k = _key(rec)

@@ -6,6 +6,7 @@ average datasets weighted by sample count (the paper's leaderboard averaging).
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 
@@ -74,23 +75,47 @@ def weighted_average(per_dataset: dict[str, dict]) -> dict:
     return avg
 
 
-def evaluate_records(records: list[dict]) -> dict:
-    """records: dicts with at least dataset, label (gold) and output (raw model text); the output is
-    always parsed here, so any stored `pred` is ignored. Returns {"per_dataset": ..., "average": ...}."""
-    by_ds: dict[str, tuple[list, list]] = {}
+def _check(records: list[dict]) -> None:
+    """Every record a JSON object with a known dataset and string label / output: else one line naming it."""
+    if not records:
+        raise ValueError("no records to evaluate")
     for i, r in enumerate(records, 1):
-        for key in ("dataset", "label"):
+        if not isinstance(r, dict):
+            raise ValueError(f"record {i}: expected a JSON object, got {type(r).__name__}")
+        for key in ("dataset", "label", "output"):
             if key not in r:
                 raise ValueError(f"record {i}: missing field '{key}'")
+            if not isinstance(r[key], str) and not (key == "output" and r[key] is None):
+                raise ValueError(f"record {i}: field '{key}' must be a string, got {json.dumps(r[key])[:40]}")
+        get_task(r["dataset"])
+
+
+def unique_records(records: list[dict]) -> tuple[list[dict], int]:
+    """One record per (dataset, split, id, sample), the last one written (a file two runs appended to, or a
+    rerun's retries), and how many were dropped. Records without an id are all kept."""
+    last: dict = {}
+    for i, r in enumerate(records):
+        key = (r.get("dataset"), str(r.get("split")), str(r["id"]), str(r.get("sample", 0))) if "id" in r else i
+        last.pop(key, None)  # re-insert: the kept record takes the place of the last one written
+        last[key] = r
+    return list(last.values()), len(records) - len(last)
+
+
+def evaluate_records(records: list[dict]) -> dict:
+    """records: dicts with at least dataset, label (gold) and output (raw model text); the output is
+    always parsed here, so any stored `pred` is ignored. Each (dataset, split, id, sample) counts once (the last
+    record). Returns {"per_dataset": ..., "average": ..., "duplicates_dropped": n}."""
+    _check(records)
+    records, dropped = unique_records(records)
+    by_ds: dict[str, tuple[list, list]] = {}
+    for r in records:
         task = get_task(r["dataset"])
-        if "output" not in r:
-            raise ValueError(f"record {i}: missing field 'output'")
         pred = parse_output(r["output"], task.labels)
         g, p = by_ds.setdefault(task.name, ([], []))
         g.append(normalize_label(r["label"], task.task))
         p.append(pred)
     per = {ds: compute_metrics(g, p, get_task(ds).labels) for ds, (g, p) in by_ds.items()}
-    return {"per_dataset": per, "average": weighted_average(per)}
+    return {"per_dataset": per, "average": weighted_average(per), "duplicates_dropped": dropped}
 
 
 def evaluate_samples(records: list[dict]) -> dict:
@@ -101,11 +126,13 @@ def evaluate_samples(records: list[dict]) -> dict:
     import statistics
     from collections import Counter
 
+    _check(records)
+    records, dropped = unique_records(records)
     draws: dict[int, list[dict]] = {}
     for r in records:
         draws.setdefault(int(r.get("sample", 0)), []).append(r)
     if len(draws) < 2:
-        return evaluate_records(records)
+        return {**evaluate_records(records), "duplicates_dropped": dropped}
     each = {k: evaluate_records(v) for k, v in sorted(draws.items())}
     rows: dict[tuple, list[dict]] = {}
     for k in sorted(draws):
@@ -120,7 +147,7 @@ def evaluate_samples(records: list[dict]) -> dict:
         g.append(normalize_label(rs[0]["label"], task.task))
         p.append(max(preds, key=lambda x: (counts[x], -preds.index(x))))
     per = {ds: compute_metrics(g, p, get_task(ds).labels) for ds, (g, p) in by_ds.items()}
-    result = {"per_dataset": per, "average": weighted_average(per)}
+    result = {"per_dataset": per, "average": weighted_average(per), "duplicates_dropped": dropped}
 
     def spread(get) -> dict:
         vals = [get(res) for res in each.values()]

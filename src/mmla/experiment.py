@@ -35,7 +35,7 @@ from . import data as data_mod
 from . import distributed
 from .config import build, coerce, parse_overrides, read_yaml
 from .inference import PredictConfig, dedupe, predict
-from .runs import read_config, read_jsonl, write_config, write_json
+from .runs import claim, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, write_text
 from .tasks import VIDEO_DATASETS, parse_datasets
 from .training import TrainConfig, make_config, model_info, train
 
@@ -113,7 +113,7 @@ class Stage:
     def done(self) -> dict | None:
         if not self.marker.exists():
             return None
-        rec = json.loads(self.marker.read_text())
+        rec = read_json(self.marker)
         if rec.get("config") != self.config:
             raise ValueError(f"{self.marker}: this stage ran with another config; use another out "
                              f"(or delete {self.dir})")
@@ -169,9 +169,9 @@ def _combine(out: Path, parts: dict[str, Path], train_dirs: dict[str, Path], con
 
     out.mkdir(parents=True, exist_ok=True)
     records = [r for p in parts.values() for r in dedupe(read_jsonl(p / "predictions.jsonl")[0])]
-    (out / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl(out / "predictions.jsonl", records)
     logs = [{"dataset": ds, **r} for ds, d in train_dirs.items() for r in read_jsonl(d / "train_log.jsonl")[0]]
-    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logs))
+    write_jsonl(out / "train_log.jsonl", logs)
     result = evaluate_records(records)
     if config.get("modality") == "video":
         result["missing_clips"] = sum(bool(r.get("clip_error")) for r in records)
@@ -179,7 +179,7 @@ def _combine(out: Path, parts: dict[str, Path], train_dirs: dict[str, Path], con
     write_config(out / "config.yaml", config)
     first = next(iter(parts.values()))
     if (first / "env.json").exists():
-        (out / "env.json").write_text((first / "env.json").read_text())
+        write_text(out / "env.json", (first / "env.json").read_text())
     return result
 
 
@@ -229,7 +229,7 @@ def run_it(cfg: ExperimentConfig, progress: bool) -> dict:
     result = _predict(cfg, out / "it", "it", cfg.datasets, progress, adapter=str(tdir / "adapter"))
     log = tdir / "train_log.jsonl"
     if log.exists() and distributed.ranks().main:
-        (out / "it" / "train_log.jsonl").write_text(log.read_text())
+        write_text(out / "it" / "train_log.jsonl", log.read_text())
     result["no_train_split"] = summary.get("missing_train", [])
     _on_main(stage.finish, result)
     return result
@@ -278,17 +278,17 @@ def results_table(cfg: ExperimentConfig, results: dict[str, dict]) -> tuple[str,
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> str:
     cfg = _for_modality(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    main = distributed.ranks().main
-    if main:
-        write_config(out / "experiment.yaml", dataclasses.asdict(cfg))
-    runners = {"zero-shot": run_zero_shot, "sft": run_sft, "it": run_it}
-    results = {s: runners[s](cfg, progress) for s in STAGES if s in cfg.stages}
-    text, table = results_table(cfg, results)
-    if main:
-        (out / "results.md").write_text(f"# {cfg.name}\n\n{text}\n", encoding="utf-8")
-        write_json(out / "results.json", table)
-    return text
+    with claim(out, "run"):  # one writer per experiment directory: a second `mmla run` is refused
+        main = distributed.ranks().main  # under torchrun / accelerate every rank runs the stages; rank 0 writes
+        if main:
+            write_config(out / "experiment.yaml", dataclasses.asdict(cfg))
+        runners = {"zero-shot": run_zero_shot, "sft": run_sft, "it": run_it}
+        results = {s: runners[s](cfg, progress) for s in STAGES if s in cfg.stages}
+        text, table = results_table(cfg, results)
+        if main:
+            write_text(out / "results.md", f"# {cfg.name}\n\n{text}\n")
+            write_json(out / "results.json", table)
+        return text
 
 
 def cmd_run(a) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import data as data_mod
 from .prompts import render, target
-from .runs import write_json
+from .runs import write_json, write_text
 from .tasks import get_task, parse_datasets
 
 MODALITIES = ("text", "video")
@@ -68,14 +68,14 @@ def export_llamafactory(data: str | None, out: str, datasets="all", modalities=M
                     continue
                 recs = records(root, ds, split, modality)
                 name = _file_name(ds, split, modality)
-                (dest / name).write_text(json.dumps(recs, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+                write_text(dest / name, json.dumps(recs, ensure_ascii=False, indent=1) + "\n")
                 info[name.removesuffix(".json")] = _info(name, modality)
                 counts[name] = len(recs)
                 union += recs
             if union:
                 name = f"Instruct_{split}_text_llamafactory.json" if modality == "text" else \
                     f"Instruct_{split}_llamafactory.json"
-                (dest / name).write_text(json.dumps(union, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+                write_text(dest / name, json.dumps(union, ensure_ascii=False, indent=1) + "\n")
                 info[name.removesuffix(".json")] = _info(name, modality)
                 counts[name] = len(union)
     write_json(dest / "dataset_info.json", info)

@@ -27,7 +27,8 @@ from . import distributed
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
-from .runs import JsonlAppender, environment, read_config, read_jsonl, write_config, write_json
+from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, read_config, read_jsonl, write_config, \
+    write_json
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")
@@ -190,6 +191,11 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
     t_start = time.perf_counter()
     cfg = resolve(cfg)
     examples, skipped = load_examples(cfg)
+    with claim(Path(cfg.out), "predict"):  # one writer per run directory: a second process is refused
+        return _predict(cfg, examples, skipped, progress, frame_cache, t_start)
+
+
+def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache, t_start: float) -> dict:
     out = _open_run_dir(cfg)
     # data-parallel (torchrun / accelerate launch): rank 0 first folds the parts a killed run left into
     # predictions.jsonl; then every rank reads the same snapshot and takes its share of what is left
@@ -198,7 +204,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
         distributed.merge(out)
     distributed.barrier(ranks)
     pred_path = out / "predictions.jsonl"
-    done, torn = read_jsonl(pred_path)
+    done, torn = read_jsonl(pred_path, PREDICTION_KEYS)
     n_written = len(done)
     done = dedupe(done)
     retry = [r for r in done if r.get("clip_error")]  # clips that failed before are tried again
@@ -287,7 +293,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
             distributed.barrier(ranks)
             return json.loads((out / "metrics.json").read_text())
         env["merge"] = distributed.merge(out, [(e.dataset, e.split, e.id, k) for e, k in wanted])
-    records = [r for r in dedupe(read_jsonl(pred_path)[0]) if key(r) in keys]
+    records = [r for r in dedupe(read_jsonl(pred_path, PREDICTION_KEYS)[0]) if key(r) in keys]
     result = evaluate_samples(records)
     result["skipped_rows"] = len(skipped)
     if video:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen2VLConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,6 +109,9 @@ def read_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        if Path(path).is_dir():  # a local model directory with a missing or damaged config.json
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: cannot read the model config ({cause})") from None
         known = ", ".join(ALIASES)
         raise ValueError(
             f"model '{name_or_path}' not found: not an alias ({known}), a local model directory "
@@ -187,7 +191,11 @@ def parse_max_memory(spec: str) -> dict:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer file: tokenizers raises plain Exception
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot load the tokenizer ({cause})") from None
     # Batched decoder-only generation needs left padding: every row's last token sits in the last column.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -251,7 +259,7 @@ def load_model(
                 path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
                 device_map=device_map, max_memory=max_memory,
                 offload_folder=str(offload_folder) if offload_folder is not None else None)
-    except OSError as e:  # e.g. only pickled (.bin) weights, which we do not load
+    except (OSError, SafetensorError) as e:  # only pickled (.bin) weights, which we do not load; a corrupt file
         raise ValueError(f"model '{name_or_path}': no loadable safetensors weights ({str(e).splitlines()[0]})") from None
     except ValueError as e:
         if video:  # a model type that transformers has no image-text-to-text class for
@@ -259,11 +267,7 @@ def load_model(
                              f"class: {str(e).splitlines()[0][:160]}") from None
         raise
     if adapter is not None:
-        from peft import PeftModel
-
-        if not Path(adapter).is_dir():
-            raise ValueError(f"adapter '{adapter}' not found (expected a directory saved by peft)")
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_adapter(model, adapter)
         if merge and device_map is None:
             model = model.merge_and_unload()
     model.eval()
@@ -273,6 +277,20 @@ def load_model(
     if getattr(processor, "video_processor", None) is None:
         raise ValueError(f"model '{name_or_path}' ({config.model_type}): its processor takes images but not video")
     return model, processor
+
+
+def load_adapter(model, adapter: str | os.PathLike):
+    """`model` with the peft LoRA adapter saved in the directory `adapter`; a missing or corrupt adapter (a
+    truncated safetensors file, a bad adapter_config.json) is one line naming the directory."""
+    from peft import PeftModel
+
+    if not Path(adapter).is_dir():
+        raise ValueError(f"adapter '{adapter}' not found (expected a directory saved by peft)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (SafetensorError, OSError, ValueError) as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{adapter}: cannot load the adapter ({cause})") from None
 
 
 # ---------------------------------------------------------------- test and benchmark models

@@ -34,7 +34,7 @@ import yaml  # noqa: E402
 from jinja2 import Environment  # noqa: E402
 
 from . import __version__, paper  # noqa: E402
-from .runs import read_jsonl  # noqa: E402
+from .runs import read_jsonl, write_text, writing  # noqa: E402
 
 METRICS = ("ACC", "F1", "Precision", "Recall", "WF1", "WP")
 UNPARSED = ("unknown", "multi")
@@ -237,7 +237,7 @@ def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(k for row in rows for k in row if not k.endswith("_shown")))
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with writing(path), path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -287,8 +287,11 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- figures
 
 def _save(fig, path: Path, dpi: int = 110) -> Path:
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with writing(path):
+            fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -424,7 +427,7 @@ def _run_section(run: Run, out_dir: Path) -> dict:
     all_rows = rows + average_rows(run, rows)
     headers, cells = display_table(all_rows, with_paper=run.reference is not None)
     write_csv(run_dir / "table.csv", all_rows)
-    (run_dir / "table.md").write_text(markdown_table(headers, cells), encoding="utf-8")
+    write_text(run_dir / "table.md", markdown_table(headers, cells))
 
     figures = [
         _image(plot_accuracy_vs_paper(rows, f"{run.label}: ACC per dataset", run_dir / "acc_vs_paper.png"),
@@ -509,9 +512,9 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
                     "markdown": markdown_table(summary_headers, summary_cells)},
         "comparison": comparison, "runs": [_run_section(r, out_dir) for r in runs],
     }
-    (out_dir / "report.md").write_text(_template("report.md.j2").render(context), encoding="utf-8")
+    write_text(out_dir / "report.md", _template("report.md.j2").render(context))
     html_path = out_dir / "report.html"
-    html_path.write_text(_template("report.html.j2").render(context), encoding="utf-8")
+    write_text(html_path, _template("report.html.j2").render(context))
     return html_path
 
 

@@ -18,7 +18,8 @@ from typing import Callable
 
 from . import video as video_mod
 from .prompts import candidates, render
-from .runs import write_json
+from . import runs
+from .runs import read_json, write_json, writing
 from .tasks import get_task
 
 IGNORE = -100  # label of the tokens the loss skips: mmla.inputs.IGNORE (not imported: mmla.inputs imports torch)
@@ -220,7 +221,8 @@ def save_adapter(trainer, dest: Path) -> None:
     main = trainer.is_world_process_zero()
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
+    with writing(dest):  # a full disk or a size limit: one line naming the adapter; the old one stays
+        trainer.save_model(str(tmp))
     if not main:
         return
     (tmp / "training_args.bin").unlink(missing_ok=True)
@@ -232,19 +234,10 @@ def save_adapter(trainer, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def last_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete Trainer checkpoint (trainer_state.json is written last; a torn one is skipped)."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = []
-    for d in ckpt_dir.glob("checkpoint-*"):
-        try:
-            step = int(d.name.split("-")[1])
-            json.loads((d / "trainer_state.json").read_text())
-        except (ValueError, OSError):
-            continue
-        found.append((step, d))
-    return max(found)[1] if found else None
+def last_checkpoint(ckpt_dir: Path, say=None) -> Path | None:
+    """The newest checkpoint that can be resumed from: each is validated (mmla.runs.checkpoint_problem), so one
+    torn by a kill mid-save or truncated on a full disk is skipped for the one before it, named through `say`."""
+    return runs.last_checkpoint(ckpt_dir, say)
 
 
 class Run:
@@ -256,7 +249,7 @@ class Run:
         self.name = datasets[0] if len(datasets) == 1 else f"{cfg.setting} ({len(datasets)} datasets)"
         self.dev_eval: DevEval | None = None
         best = out / "best.json"
-        self.best = json.loads(best.read_text()) if best.exists() else None
+        self.best = read_json(best) if best.exists() else None
 
     def keep_if_best(self, trainer, metrics: dict) -> None:
         value = metrics[self.cfg.select_metric]
@@ -334,6 +327,11 @@ def trainer_classes():
                     loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
+        def _save_checkpoint(self, model, trial):
+            # a full disk or a size limit mid-save: one line naming the checkpoint (the next run skips it)
+            with writing(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
+                super()._save_checkpoint(model, trial)
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             t0 = time.time()
             ds = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
@@ -394,7 +392,8 @@ def trainer_classes():
             else:
                 return
             if state.is_world_process_zero:
-                with open(self.run.out / "train_log.jsonl", "a", encoding="utf-8") as f:
+                log = self.run.out / "train_log.jsonl"
+                with writing(log), open(log, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
 
         def on_train_end(self, args, state, control, **kw):

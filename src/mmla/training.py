@@ -41,7 +41,6 @@ frames are what fills memory. A video model without a table gets the text preset
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import time
@@ -53,7 +52,8 @@ from . import data as data_mod
 from . import video as video_mod
 from .config import coerce, parse_overrides, read_yaml
 from .prompts import PROTOCOLS, render, target
-from .runs import environment, read_config, read_jsonl, write_config, write_json
+from .runs import claim, environment, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, \
+    writing
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 from .trainer import Collator, DevEval, Run, VideoItems, bf16_frozen_matmuls, is_main, last_checkpoint, \
     placement, precision_for, refuse_disk, say, save_adapter, trainer_classes
@@ -411,13 +411,17 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
               frame_cache: video_mod.FrameCache | None = None) -> dict:
     """Train one adapter on `datasets` into `out`; resumes from the last checkpoint; reuses a finished run made
     under the same identity config. `model`: an already loaded (model, tokenizer or processor) pair (benchmarks);
-    by default cfg.model is loaded."""
-    out.mkdir(parents=True, exist_ok=True)
+    by default cfg.model is loaded. One writer per run directory: another process in `out` is refused."""
+    with claim(out, "train"):
+        return _train_one(cfg, datasets, out, progress, model, frame_cache)
+
+
+def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool, model, frame_cache) -> dict:
     _check_identity(out, cfg, datasets)
     done = out / "train_result.json"
     if done.exists():
         say(f"already trained: {out / 'adapter'} (remove {done} to train again)")
-        return json.loads(done.read_text())
+        return read_json(done)
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -456,14 +460,13 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
             run.dev_eval = DevEval(cfg, inputs, dev, collate, cache)
     eval_on = dev is not None
 
-    ckpt = last_checkpoint(out / "checkpoints")
+    ckpt = last_checkpoint(out / "checkpoints", say)
     log_path = out / "train_log.jsonl"
     if ckpt is not None:
         step = int(ckpt.name.split("-")[1])
         say(f"resuming from {ckpt.name} (step {step}) in {out}")
         if is_main():  # drop what the killed run logged after its last checkpoint
-            kept = [r for r in read_jsonl(log_path)[0] if r.get("step", 0) <= step]
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_jsonl(log_path, [r for r in read_jsonl(log_path)[0] if r.get("step", 0) <= step])
     elif is_main() and log_path.exists():
         log_path.unlink()
 
@@ -567,8 +570,9 @@ def merge(model: str, adapter: str, out: str, dtype: str = "auto", trust_remote_
                              modality=modality_of(model, trust_remote_code), merge=True)
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
+    with writing(dest):
+        merged.save_pretrained(dest, safe_serialization=True)
+        tok.save_pretrained(dest)
     write_json(dest / "mmla_merge.json", {"base": model, "adapter": str(adapter), "dtype": dtype})
     return dest
 
