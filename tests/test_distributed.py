@@ -67,6 +67,23 @@ def test_shard_is_balanced_deterministic_and_complete():
     assert distributed.shard([5, 5], 4)[2:] == [[], []]  # more ranks than rows: the extra ranks idle
 
 
+def test_merge_folds_parts_once_keeps_good_answers_and_checks(tmp_path):
+    rec = lambda i, out, **kw: {"dataset": "MELD", "split": "test", "id": str(i), "label": "joy", "output": out,
+                                **kw}  # noqa: E731
+    write = lambda p, rows: p.write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write(tmp_path / "predictions.jsonl", [rec(0, "a"), rec(1, "", clip_error="missing")])
+    write(distributed.part_path(tmp_path, 0), [rec(1, "b"), rec(2, "c")])
+    # an older run's part (more ranks then): its failed clip must not undo rank 0's retry; a torn tail is dropped
+    distributed.part_path(tmp_path, 3).write_text(json.dumps(rec(1, "", clip_error="missing")) + "\n" +
+                                                  json.dumps(rec(3, "d"))[:20])
+    expected = [("MELD", "test", str(i), 0) for i in (2, 1, 0)]
+    stats = distributed.merge(tmp_path, expected)
+    assert stats == {"parts": 2, "records_read": 5} and not distributed.part_files(tmp_path)
+    assert [(r["id"], r["output"]) for r in _rows(tmp_path)] == [("2", "c"), ("1", "b"), ("0", "a")]
+    with pytest.raises(RuntimeError, match="1 rows are missing"):
+        distributed.check(tmp_path / "predictions.jsonl", set(expected) | {("MELD", "test", "3", 0)})
+
+
 @pytest.mark.parametrize("launcher, mode", [("torchrun", "generate"), ("accelerate", "score")])
 def test_two_processes_equal_one_row_for_row(launcher, mode, reference, data_root, tmp_path):
     out = tmp_path / "dp"
