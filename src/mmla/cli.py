@@ -85,13 +85,19 @@ def cmd_predict(a) -> int:
     cfg = PredictConfig(
         model=a.model, adapter=a.adapter, data=a.data, datasets=[a.datasets], split=a.split, mode=a.mode,
         protocol=a.protocol, family=a.family, limit=a.limit, batch_size=a.batch_size,
-        max_new_tokens=a.max_new_tokens, seed=a.seed, num_samples=a.num_samples, dtype=a.dtype, device=a.device, threads=a.threads,
+        max_new_tokens=a.max_new_tokens, seed=a.seed, num_samples=a.num_samples, dtype=a.dtype, device=a.device,
+        device_map=a.device_map, max_memory=a.max_memory, threads=a.threads,
         skip_bad_rows=a.skip_bad_rows, trust_remote_code=a.trust_remote_code, setting=a.setting,
         paper_model=a.paper_model, name=a.name, out=a.out, modality=a.modality, frames=a.frames,
         num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels, no_frame_cache=a.no_frame_cache,
         backend=a.backend, base_url=a.base_url, api_key_env=a.api_key_env, concurrency=a.concurrency,
     )
-    result = predict(cfg, progress=not a.no_progress)
+    from .distributed import ranks
+
+    main = ranks().main
+    result = predict(cfg, progress=not a.no_progress and main)
+    if not main:  # under torchrun / accelerate launch: rank 0 reports
+        return 0
     print(format_table(result, _paper_reference(a.paper_model, a.setting)))
     if result.get("missing_clips"):
         print(f"missing or unreadable clips: {result['missing_clips']} (recorded per sample as clip_error)")
@@ -240,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sampling: K answers per row; metrics: majority vote, and mean +/- std over the K draws")
     sp.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     sp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sp.add_argument("--device-map", choices=("auto",),
+                    help="split the model over the visible GPUs, then CPU, then disk (accelerate big-model dispatch)")
+    sp.add_argument("--max-memory", metavar="CAPS", help="with --device-map auto: per-device caps, e.g. "
+                    "0=70GiB,1=70GiB,cpu=200GiB (the rest is offloaded to <out>/offload)")
     sp.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     sp.add_argument("--setting", default="zero-shot", choices=("zero-shot", "sft", "it"))

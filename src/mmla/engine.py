@@ -34,6 +34,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Temperatur
                                                     TopPLogitsWarper)
 
 from .inputs import Row, TextInputs, common_prefix
+from .models import device_of
 from .prompts import Decoding
 
 _WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)  # ignore the history
@@ -78,8 +79,8 @@ def _shared_prefix(model, inputs: TextInputs, rows: list[Row]) -> _Prefix | None
     if n == 0:
         return None
     cache = DynamicCache(config=model.config)
-    ids = torch.tensor([seqs[0][:n]], device=model.device)
-    pos = torch.arange(n, device=model.device)[None]
+    ids = torch.tensor([seqs[0][:n]], device=device_of(model))
+    pos = torch.arange(n, device=device_of(model))[None]
     if inputs.rope_dims > 1:
         pos = pos.expand(inputs.rope_dims, 1, n)
     model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
@@ -92,7 +93,7 @@ def _prefill(model, inputs: TextInputs, rows: list[Row], prefix: _Prefix | None)
     Returns the KV cache, attention mask, each row's last position and next-token logits. Each row is laid out as
     [prefix][left padding][own tokens], the padding masked out, so every row's last token is in the last column."""
     p = prefix.length if prefix else 0
-    dev = model.device
+    dev = device_of(model)
     ids, mask = _left_pad([r.ids[p:] for r in rows], inputs.pad_id, dev)
     width = ids.shape[1]
     media = inputs.media_kwargs(rows, dev)
@@ -189,7 +190,8 @@ class _Chooser:
                                                   if getattr(decoding, k) is not None})
         if not decoding.do_sample:  # greedy ignores the checkpoint's sampling settings, as generate does
             gc.temperature = gc.top_p = gc.top_k = gc.min_p = None
-        self.processors = model._get_logits_processor(generation_config=gc, input_ids_seq_length=1, device=model.device)
+        self.processors = model._get_logits_processor(generation_config=gc, input_ids_seq_length=1,
+                                                      device=device_of(model))
         # Sampling with top_k=1 (Qwen2-VL-Instruct's shipped config) always takes the top token: greedy.
         self.sample = bool(decoding.do_sample) and gc.top_k != 1
         self.history = any(not isinstance(p, _WARPERS) for p in self.processors)
@@ -197,7 +199,7 @@ class _Chooser:
         self.gens: dict[int, torch.Generator] = {}
         if self.sample:
             for i in range(len(seqs)):
-                self.gens[i] = torch.Generator(device=model.device)
+                self.gens[i] = torch.Generator(device=device_of(model))
                 self.gens[i].manual_seed(int(seeds[i]) if seeds is not None else i)
 
     def __call__(self, logits: torch.Tensor, index: list[int], out: dict[int, list[int]]) -> torch.Tensor:
@@ -320,7 +322,7 @@ def generate(
     if seeds is None and seed is not None:
         seeds = [seed * 1_000_003 + i for i in range(len(rows))]
     choose = _Chooser(model, decoding, seeds, [r.ids for r in rows])
-    _decode(model, inputs, rows, decoding.max_new_tokens, torch.tensor(eos_list, device=model.device), batch_size,
+    _decode(model, inputs, rows, decoding.max_new_tokens, torch.tensor(eos_list, device=device_of(model)), batch_size,
             choose, done)
     return texts
 
@@ -469,9 +471,9 @@ def prefill_only(model, inputs, prompts: list, batch_size: int = 16) -> int:
         return 0
     for batch in _key_batches(rows, batch_size):
         group = [rows[i] for i in batch]
-        ids, mask = _left_pad([r.ids for r in group], inputs.pad_id, model.device)
-        media = inputs.media_kwargs(group, model.device)
-        tokens = inputs.token_kwargs(ids, [r.tokens for r in group], ids.shape[1], model.device)
+        ids, mask = _left_pad([r.ids for r in group], inputs.pad_id, device_of(model))
+        media = inputs.media_kwargs(group, device_of(model))
+        tokens = inputs.token_kwargs(ids, [r.tokens for r in group], ids.shape[1], device_of(model))
         positions = inputs.positions(ids, mask, media, tokens)
         model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1,
               **inputs.forward_kwargs({**media, **tokens}))

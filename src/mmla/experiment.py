@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as data_mod
-from . import multilora
+from . import distributed, multilora
 from .config import build, coerce, parse_overrides, read_yaml
 from .inference import PredictConfig, dedupe, predict
 from .runs import claim, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, write_text
@@ -92,7 +92,15 @@ def load_experiment(path: str, overrides: list[str] = ()) -> ExperimentConfig:
 
 
 def _say(msg: str) -> None:
-    print(f"[mmla run] {msg}", file=sys.stderr, flush=True)
+    if distributed.ranks().main:
+        print(f"[mmla run] {msg}", file=sys.stderr, flush=True)
+
+
+def _on_main(fn, *args):
+    """fn(*args) on rank 0 only (under torchrun / accelerate launch every rank runs the stages, and the files
+    that join them are written once), its result handed to every rank."""
+    r = distributed.start()
+    return distributed.gather(r, fn(*args) if r.main else None)[0]
 
 
 class Stage:
@@ -151,7 +159,7 @@ def run_zero_shot(cfg: ExperimentConfig, progress: bool) -> dict:
         return rec["summary"]
     _say(f"zero-shot: {cfg.model} on {len(cfg.datasets)} test sets -> {out}")
     result = _predict(cfg, out, "zero-shot", cfg.datasets, progress, extra=cfg.zero_shot)
-    stage.finish(result)
+    _on_main(stage.finish, result)
     return result
 
 
@@ -204,9 +212,9 @@ def run_sft(cfg: ExperimentConfig, progress: bool) -> dict:
         parts[ds], train_dirs[ds], adapters[ds] = pdir, tdir, str(tdir / "adapter")
     config = {**read_config(parts[have[0]] / "config.yaml"), "datasets": have, "adapter": adapters, "setting": "sft", "name": f"{cfg.name} sft",
               "out": str(out / "sft"), "no_train_split": missing}
-    result = _combine(out / "sft", parts, train_dirs, config)
+    result = _on_main(_combine, out / "sft", parts, train_dirs, config)
     result["no_train_split"] = missing
-    stage.finish(result)
+    _on_main(stage.finish, result)
     return result
 
 
@@ -224,10 +232,10 @@ def run_it(cfg: ExperimentConfig, progress: bool) -> dict:
     _say(f"it: test on {len(cfg.datasets)} test sets -> {out / 'it'}")
     result = _predict(cfg, out / "it", "it", cfg.datasets, progress, adapter=str(tdir / "adapter"))
     log = tdir / "train_log.jsonl"
-    if log.exists():
+    if log.exists() and distributed.ranks().main:
         write_text(out / "it" / "train_log.jsonl", log.read_text())
     result["no_train_split"] = summary.get("missing_train", [])
-    stage.finish(result)
+    _on_main(stage.finish, result)
     return result
 
 
@@ -275,18 +283,24 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> str:
     cfg = _for_modality(cfg)
     out = Path(cfg.out)
     with claim(out, "run"):  # one writer per experiment directory: a second `mmla run` is refused
-        write_config(out / "experiment.yaml", dataclasses.asdict(cfg))
+        main = distributed.ranks().main  # under torchrun / accelerate every rank runs the stages; rank 0 writes
+        if main:
+            write_config(out / "experiment.yaml", dataclasses.asdict(cfg))
         runners = {"zero-shot": run_zero_shot, "sft": run_sft, "it": run_it}
         results = {s: runners[s](cfg, progress) for s in STAGES if s in cfg.stages}
         text, table = results_table(cfg, results)
-        write_text(out / "results.md", f"# {cfg.name}\n\n{text}\n")
-        write_json(out / "results.json", table)
+        if main:
+            write_text(out / "results.md", f"# {cfg.name}\n\n{text}\n")
+            write_json(out / "results.json", table)
         return text
 
 
 def cmd_run(a) -> int:
     cfg = load_experiment(a.config, a.overrides)
-    text = run_experiment(cfg, progress=not a.no_progress)
+    main = distributed.ranks().main
+    text = run_experiment(cfg, progress=not a.no_progress and main)
+    if not main:  # under torchrun / accelerate launch: rank 0 reports
+        return 0
     print(text)
     print(f"\nresults: {Path(cfg.out) / 'results.md'}; run directories for `mmla report`: "
           + ", ".join(str(Path(cfg.out) / s) for s in STAGES if s in cfg.stages))

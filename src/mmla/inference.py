@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as data_mod
+from . import distributed
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
@@ -56,6 +58,8 @@ class PredictConfig:
     num_samples: int = 1  # sampling: K answers per row; metrics: majority vote, and mean +/- std over the draws
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # "auto": split the model over the GPUs, then CPU, then disk (accelerate)
+    max_memory: str | None = None  # with device_map: per-device caps, e.g. "0=70GiB,1=70GiB,cpu=200GiB"
     threads: int | None = None
     skip_bad_rows: bool = False
     trust_remote_code: bool = False
@@ -115,6 +119,14 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         v = getattr(cfg, key)
         if v is not None and int(v) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {v}")
+    if cfg.device_map not in (None, "auto"):
+        raise ValueError(f"--device-map must be auto, got '{cfg.device_map}'")
+    if cfg.max_memory is not None:
+        from .models import parse_max_memory
+
+        if cfg.device_map is None:
+            raise ValueError("--max-memory caps what --device-map auto puts on each device: add --device-map auto")
+        parse_max_memory(cfg.max_memory)  # validates
     cfg.data = str(data_mod.data_root(cfg.data))
     return cfg
 
@@ -185,6 +197,12 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
 
 def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache, t_start: float) -> dict:
     out = _open_run_dir(cfg)
+    # data-parallel (torchrun / accelerate launch): rank 0 first folds the parts a killed run left into
+    # predictions.jsonl; then every rank reads the same snapshot and takes its share of what is left
+    ranks = distributed.start()
+    if ranks.main:
+        distributed.merge(out)
+    distributed.barrier(ranks)
     pred_path = out / "predictions.jsonl"
     done, torn = read_jsonl(pred_path, PREDICTION_KEYS)
     n_written = len(done)
@@ -194,15 +212,19 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     done_keys = {key(r) for r in done}
     wanted = [(e, k) for e in examples for k in range(cfg.num_samples)]  # (row, which draw)
     todo = [(e, k) for e, k in wanted if (e.dataset, e.split, e.id, k) not in done_keys]
-    if done_keys or retry:
+    if (done_keys or retry) and ranks.main:
         print(f"resuming: {len(wanted) - len(todo)} of {len(wanted)} done, {len(todo)} to go"
               f"{f' ({len(retry)} missing clips retried)' if retry else ''} ({pred_path})", file=sys.stderr)
+    if ranks.world > 1:  # this rank's share, balanced by prompt length (and clips: one per video row)
+        weights = [len(render(e.dataset, cfg.family, e.text, cfg.split, cfg.modality)) +
+                   (distributed.CLIP_WEIGHT if cfg.modality == "video" else 0) for e, _ in todo]
+        todo = [todo[i] for i in distributed.shard(weights, ranks.world)[ranks.rank]]
 
     import torch
 
     from . import engine
     from .inputs import make_inputs
-    from .models import family_of, load_model, read_config as model_config
+    from .models import device_of, family_of, load_model, read_config as model_config
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -224,7 +246,8 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         server.video_input = inputs.video_input if video else None
     elif todo:
         model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
-                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
+                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality,
+                                **_placement(cfg, out, ranks))
         inputs = make_inputs(model, tok, setting)
         setting = getattr(inputs, "setting", setting)
         decoding = decoding_for(cfg, model, inputs)
@@ -233,31 +256,43 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
                              f"this model, so every draw would be the same")
     t_load = time.perf_counter() - t_load
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
-    write_config(out / "config.yaml", {**dataclasses.asdict(cfg),
-                                       **({"frame_setting": setting.record()} if setting else {})})
-    env = {**environment(str(model.device) if model is not None else None),
+    if ranks.main:
+        write_config(out / "config.yaml", {**dataclasses.asdict(cfg),
+                                           **({"frame_setting": setting.record()} if setting else {})})
+    env = {**environment(str(device_of(model)) if model is not None else None),
+           **({"hf_device_map": _device_map(model)} if cfg.device_map else {}),
            "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped}
     if video:
         env.update(frame_setting=setting.record(), frame_cache=str(cache.root) if cache.enabled else None)
     if server is not None:  # the server's model id and fingerprint come with its first answer: written again below
         env["server"] = server.info()
-    write_json(out / "env.json", env)
+    if ranks.main:
+        write_json(out / "env.json", env)
 
     # ---- run
     stats = {}
     if todo:
-        sink = JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
+        sink = (JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
+                if ranks.world == 1 else JsonlAppender(distributed.part_path(out, ranks.rank)))
         try:
             stats = _run(cfg, model, inputs, decoding, cache, todo, sink, progress, runner)
         finally:
             sink.close()
-            if server is not None:
+            if server is not None and ranks.main:
                 env["server"] = server.info()
                 write_json(out / "env.json", env)
 
     # ---- save
     t_eval = time.perf_counter()
     keys = {(e.dataset, e.split, e.id, k) for e, k in wanted}
+    if ranks.world > 1:  # all parts are closed once every rank is here: rank 0 merges and checks them, the
+        # others wait for its metrics
+        env["ranks"] = distributed.gather(ranks, {"rank": ranks.rank, "rows": len(todo), "device": env["device"],
+                                                  **stats})
+        if not ranks.main:
+            distributed.barrier(ranks)
+            return json.loads((out / "metrics.json").read_text())
+        env["merge"] = distributed.merge(out, [(e.dataset, e.split, e.id, k) for e, k in wanted])
     records = [r for r in dedupe(read_jsonl(pred_path, PREDICTION_KEYS)[0]) if key(r) in keys]
     result = evaluate_samples(records)
     result["skipped_rows"] = len(skipped)
@@ -273,7 +308,33 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
                  seconds_predict=round(time.perf_counter() - t_start, 2))
     env.update(stats)
     write_json(out / "env.json", env)
+    distributed.barrier(ranks)  # the other ranks return these metrics
     return result
+
+
+def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict:
+    """load_model's placement arguments: one device, or --device-map auto over this rank's GPUs, then CPU, then
+    an offload folder in the run directory."""
+    if cfg.device_map is None:
+        return {}
+    import torch
+
+    from .models import parse_max_memory
+
+    memory = parse_max_memory(cfg.max_memory) if cfg.max_memory else None
+    if ranks.world > 1 and torch.cuda.is_available():  # several copies side by side: each on its own GPUs
+        from accelerate.utils import get_max_memory
+
+        mine = distributed.gpus_of(ranks, torch.cuda.device_count())
+        memory = {k: v for k, v in get_max_memory(memory).items() if not isinstance(k, int) or k in mine}
+    return {"device_map": cfg.device_map, "max_memory": memory,
+            "offload_folder": str(out / "offload" / f"rank{ranks.rank}")}
+
+
+def _device_map(model) -> dict | None:
+    """Where accelerate put each module (GPU index, cpu or disk), for env.json."""
+    placed = getattr(model, "hf_device_map", None) if model is not None else None
+    return {k: str(v) for k, v in placed.items()} if placed else None
 
 
 def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool, runner=None) -> dict:

@@ -153,6 +153,43 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def device_of(model) -> torch.device:
+    """Where a model takes its inputs and gives its outputs. `model.device` (its first weight's) is wrong for a
+    dispatched model (--device-map auto): accelerate runs offloaded layers on the first GPU, else the CPU, and its
+    top-level hook returns the outputs to the device the inputs came from."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return model.device
+    gpus = [d for d in placed.values() if not isinstance(d, str) or d not in ("cpu", "disk")]
+    if not gpus:
+        return torch.device("cpu")
+    first = gpus[0]
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+
+
+def parse_max_memory(spec: str) -> dict:
+    """--max-memory "0=70GiB,1=70GiB,cpu=200GiB" -> {0: "70GiB", 1: "70GiB", "cpu": "200GiB"} (accelerate's form:
+    GPU indices and "cpu"; what does not fit goes to disk)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        dev, sep, size = part.partition("=")
+        dev, size = dev.strip(), size.strip()
+        if not sep or not size or not (dev.isdigit() or dev == "cpu"):
+            raise ValueError(f"--max-memory '{part}': expected DEVICE=SIZE with DEVICE a GPU index or cpu "
+                             f"(e.g. 0=70GiB,cpu=200GiB)")
+        try:
+            if convert_file_size_to_int(size) < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--max-memory '{part}': '{size}' is not a size (e.g. 70GiB, 500MB)") from None
+        out[int(dev) if dev.isdigit() else dev] = size
+    if not out:
+        raise ValueError("--max-memory is empty (e.g. 0=70GiB,cpu=200GiB)")
+    return out
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -185,12 +222,21 @@ def load_model(
     trust_remote_code: bool = False,
     modality: str = "text",
     merge: bool = True,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ):
     """(model, tokenizer) -- or (model, processor) for modality 'video' -- ready for inference: eval mode, on
     `device`, padding on the left. A LoRA adapter is merged into the weights in memory (`merge`): the same
-    numbers as the unmerged adapter, at the base model's speed."""
+    numbers as the unmerged adapter, at the base model's speed.
+
+    `device_map` ("auto"): accelerate's big-model dispatch instead of one device: the layers fill the GPUs in
+    order, then the CPU, then `offload_folder` on disk, each capped by `max_memory` ({0: "70GiB", "cpu": ...});
+    `model.hf_device_map` says where each went. An adapter then stays unmerged (merging into weights that live
+    on disk would not persist)."""
     path = resolve(name_or_path)
-    dev = pick_device(device)
+    dev = pick_device("cuda" if device_map is not None and device == "auto" and torch.cuda.is_available()
+                      else device)
     torch_dtype = pick_dtype(dtype, dev)
     config = read_config(name_or_path, trust_remote_code)
     video = modality == "video"
@@ -202,9 +248,17 @@ def load_model(
     else:
         auto_class = AutoModelForCausalLM
     try:
-        model = auto_class.from_pretrained(
-            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        ).to(dev)
+        if device_map is None:
+            model = auto_class.from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            ).to(dev)
+        else:
+            if offload_folder is not None:
+                Path(offload_folder).mkdir(parents=True, exist_ok=True)
+            model = auto_class.from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                device_map=device_map, max_memory=max_memory,
+                offload_folder=str(offload_folder) if offload_folder is not None else None)
     except (OSError, SafetensorError) as e:  # only pickled (.bin) weights, which we do not load; a corrupt file
         raise ValueError(f"model '{name_or_path}': no loadable safetensors weights ({str(e).splitlines()[0]})") from None
     except ValueError as e:
@@ -214,7 +268,7 @@ def load_model(
         raise
     if adapter is not None:
         model = load_adapter(model, adapter)
-        if merge:
+        if merge and device_map is None:
             model = model.merge_and_unload()
     model.eval()
     if not video:

@@ -111,6 +111,24 @@ class VideoItems:
         return self.inputs.train_item(chat, answer, self.cutoff, frames)[0]
 
 
+def placement(cfg) -> dict:
+    """load_model's arguments for device_map=auto: one copy of the base model split over the GPUs, then the CPU
+    (accelerate's dispatch; the Trainer then leaves it where it is). No offload folder: frozen weights that live on
+    disk would be read back at every forward and backward, so a model that does not fit GPUs + CPU is refused."""
+    if not cfg.device_map:
+        return {}
+    from .models import parse_max_memory
+
+    return {"device_map": cfg.device_map, "max_memory": parse_max_memory(cfg.max_memory) if cfg.max_memory else None}
+
+
+def refuse_disk(model, cfg) -> None:
+    placed = getattr(model, "hf_device_map", None) or {}
+    if "disk" in map(str, placed.values()):
+        raise ValueError(f"max_memory={cfg.max_memory!r} leaves part of {cfg.model} on disk: training needs it on the "
+                         f"GPUs and the CPU (raise the caps)")
+
+
 def precision_for(cfg, device) -> str:
     """The precision a run uses: `precision`, or for auto bf16 on a bf16 GPU, else fp32 (paper) or mixed (fast)."""
     import torch

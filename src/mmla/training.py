@@ -56,7 +56,7 @@ from .runs import claim, environment, read_config, read_json, read_jsonl, write_
     writing
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 from .trainer import Collator, DevEval, Run, VideoItems, bf16_frozen_matmuls, is_main, last_checkpoint, \
-    precision_for, say, save_adapter, trainer_classes
+    placement, precision_for, refuse_disk, say, save_adapter, trainer_classes
 
 SETTINGS = ("sft", "it")
 PRESET_NAMES = ("paper", "fast")
@@ -118,6 +118,8 @@ class TrainConfig:
     group_by_length: bool = False
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    device_map: str | None = None  # auto: one copy of the base model split over the GPUs, then CPU (one process)
+    max_memory: str | None = None  # with device_map: per-device caps, e.g. "0=70GiB,1=70GiB,cpu=200GiB"
     threads: int | None = None  # torch CPU threads
     trust_remote_code: bool = False
     # dev evaluation, model selection, checkpoints, logging
@@ -303,6 +305,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.eval_steps < 0:
         raise ValueError(f"eval_steps must be >= 0, got {cfg.eval_steps}")
+    if cfg.device_map not in (None, "auto") or (cfg.max_memory and not cfg.device_map):
+        raise ValueError(f"device_map must be auto (max_memory needs it), got {cfg.device_map!r}")
+    if cfg.device_map and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("device_map=auto splits one model over the GPUs: run one process (not torchrun/accelerate)")
     if cfg.select_metric == "eval_gen_accuracy" and cfg.eval_gen == "none":
         raise ValueError("select_metric=eval_gen_accuracy needs eval_gen=score or generate")
     if video:
@@ -435,7 +441,8 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
     video = cfg.modality == "video"
     if model is None:
         model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
-                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
+                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality, **placement(cfg))
+        refuse_disk(model, cfg)
     else:
         model, tok = model
     inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
@@ -491,7 +498,8 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
             **({**frames, "train_missing_clips": len(train_split.missing),
                 "dev_missing_clips": len(dev.missing) if dev else 0,
                 "frame_cache": str(cache.root) if cache.enabled else None} if video else {}),
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "hf_device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None})
 
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
@@ -523,7 +531,8 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
     summary = {"adapter": str(out / "adapter"), "datasets": datasets, "steps": step,
                "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
                "train_runtime_s": round(time.time() - t0, 1), "best": run.best, "precision": precision,
-               "world_size": world, **({"train_missing_clips": len(train_split.missing)} if video else {})}
+               "world_size": world, "distributed_type": str(trainer.accelerator.distributed_type.value),
+               **({"train_missing_clips": len(train_split.missing)} if video else {})}
     if trainer.is_world_process_zero():
         write_json(done, summary)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
