@@ -230,3 +230,8 @@ def test_every_video_architecture_through_mmla_predict(arch, root, tmp_path):
     scored = [r for r in _lines(tmp_path / "score" / "predictions.jsonl") if "clip_error" not in r]
     assert len(scored) == 5
     assert all(r["output"] in candidates(r["dataset"], "clean", "test", "video") for r in scored)
+    if arch == "qwen2-vl":  # the same command typed again resumes: nothing to do, the same metrics
+        metrics = (tmp_path / "gen" / "metrics.json").read_text()
+        assert cli.main(base + ["--mode", "generate", "--out", str(tmp_path / "gen")]) == 0
+        assert (tmp_path / "gen" / "metrics.json").read_text() == metrics
+        assert len(_lines(tmp_path / "gen" / "predictions.jsonl")) == 7
