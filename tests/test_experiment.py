@@ -19,12 +19,12 @@ from mmla.tasks import parse_datasets as parse
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-
 def _ours(stdout: str) -> list[str]:
     """mmla's own output lines: an installed library may log to stdout at import (DeepSpeed does, timestamped)."""
     return [line for line in stdout.splitlines() if not re.match(r"\[\d{4}-\d\d-\d\d ", line)]
 
+
+@pytest.fixture()
 def config(tmp_path, tiny_llama, data_root):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({
