@@ -90,7 +90,8 @@ def ours(model, processor, root: Path, examples, setting, decoding, cache, batch
     cfg = inference.PredictConfig(model="bench", data=str(root), datasets=["MELD"], family="infer_script",
                                   batch_size=batch_size, mode="generate", modality="video", out="unused")
     sink = _Sink()
-    inference._run(cfg, model, make_inputs(model, processor, setting), decoding, cache, examples, sink, progress=False)
+    todo = [(e, 0) for e in examples]  # (row, which draw): one greedy answer per row
+    inference._run(cfg, model, make_inputs(model, processor, setting), decoding, cache, todo, sink, progress=False)
     by_id = {r["id"]: r["output"] for r in sink.records}
     return [by_id[e.id] for e in examples]
 

@@ -45,7 +45,7 @@ from . import data as data_mod
 from . import training
 from . import video as video_mod
 from .runs import claim, environment, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
-from .trainer import IGNORE, Collator, DevEval, answer_positions, bf16_frozen_matmuls, precision_for, say
+from .trainer import IGNORE, Collator, DevEval, answer_positions, bf16_frozen_matmuls, replace_dir, say
 from .training import TrainConfig, _check_identity, _record, build_split, frame_setting, validate, with_preset
 
 CKPT = "checkpoint"
@@ -176,15 +176,6 @@ def _optimiser(model, a: Adapter, precision: str, device) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_adapter(model, a: Adapter, dest: Path) -> None:
     """The adapter as an ordinary peft directory (what a separate run writes), atomically."""
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -193,7 +184,7 @@ def save_adapter(model, a: Adapter, dest: Path) -> None:
         model.save_pretrained(str(tmp), selected_adapters=[a.name])  # peft writes a non-default adapter to tmp/<name>
     if (tmp / "README.md").exists():  # the model card, which a separate run keeps beside the adapter
         os.replace(tmp / "README.md", tmp / a.name / "README.md")
-    _replace_dir(tmp / a.name, dest)
+    replace_dir(tmp / a.name, dest)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -214,7 +205,7 @@ def save_checkpoint(out: Path, model, adapters: list[Adapter], joint_step: int) 
                        tmp / f"{a.name}.pt")
     write_json(tmp / "state.json", {"joint_step": joint_step, "steps": {a.ds: a.step for a in live},
                                     "names": {a.ds: a.name for a in live}})
-    _replace_dir(tmp, out / CKPT)
+    replace_dir(tmp, out / CKPT)
 
 
 def load_checkpoint(out: Path, model, adapters: list[Adapter]) -> int:
@@ -321,23 +312,13 @@ def _step_losses(model, batch: dict, owner, n_items, n_adapters: int, answer_onl
 def _setup(cfg: TrainConfig, datasets: list[str], out: Path, model, frame_cache):
     """Load the base (or take the given (model, tokenizer or processor) pair), build every adapter's data, add one
     LoRA adapter per dataset and the router. Returns (model, router, adapters, precision, device, collate, extra)."""
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     from .inputs import make_inputs
-    from .models import load_model, pick_device
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    precision = precision_for(cfg, device)
+    model, tok, device, precision = training.load_for_training(cfg, model)
     video = cfg.modality == "video"
-    if model is None:
-        model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
-                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality)
-    else:
-        model, tok = model
     inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
     cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
     collate = Collator(inputs.pad_id, cfg.batching, inputs.forward_kwargs if video else None)

@@ -20,7 +20,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from .prompts import Decoding, chat_messages, chat_text, model_kind, official_decoding
+from .prompts import Decoding, chat_messages, model_kind, official_decoding
 
 VIDEO_INPUTS = ("frames-jpeg", "frames-png", "video_url")
 NO_KEY = "EMPTY"  # local servers want no key, but the client insists on one (vLLM's convention)

@@ -226,6 +226,11 @@ def save_adapter(trainer, dest: Path) -> None:
     if not main:
         return
     (tmp / "training_args.bin").unlink(missing_ok=True)
+    replace_dir(tmp, dest)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Put a finished directory in place of `dest`: at every moment one complete version exists on disk."""
     old = dest.with_name(f".{dest.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():

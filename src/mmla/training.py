@@ -410,6 +410,25 @@ def _check_identity(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
                              f"use another --out")
 
 
+def load_for_training(cfg: TrainConfig, model=None):
+    """(model, tokenizer or processor, device, precision) of a training run: cfg.model loaded in the precision's
+    dtype (or the given (model, tokenizer) pair, for benchmarks), on the CPU until the Trainer moves it."""
+    import torch
+
+    from .models import load_model, pick_device
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    precision = precision_for(cfg, device)
+    if model is not None:
+        return (*model, device, precision)
+    model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
+                            trust_remote_code=cfg.trust_remote_code, modality=cfg.modality, **placement(cfg))
+    refuse_disk(model, cfg)
+    return model, tok, device, precision
+
+
 def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool = True, model=None,
               frame_cache: video_mod.FrameCache | None = None) -> dict:
     """Train one adapter on `datasets` into `out`; resumes from the last checkpoint; reuses a finished run made
@@ -432,19 +451,9 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
     from transformers.trainer_callback import ProgressCallback
 
     from .inputs import make_inputs
-    from .models import load_model, pick_device
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    precision = precision_for(cfg, device)
+    model, tok, device, precision = load_for_training(cfg, model)
     video = cfg.modality == "video"
-    if model is None:
-        model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
-                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality, **placement(cfg))
-        refuse_disk(model, cfg)
-    else:
-        model, tok = model
     inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
     cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
     train_split = build_split(cfg, inputs, datasets, "train", cfg.limit, cache=cache)
