@@ -26,15 +26,27 @@ from importlib import resources
 from itertools import cycle
 from pathlib import Path
 
-import matplotlib
+import yaml
+from jinja2 import Environment
 
-matplotlib.use("Agg")  # no display on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
-from jinja2 import Environment  # noqa: E402
+from . import __version__, paper
+from .runs import read_jsonl, write_text, writing
 
-from . import __version__, paper  # noqa: E402
-from .runs import read_jsonl, write_text, writing  # noqa: E402
+
+class _Pyplot:
+    """matplotlib.pyplot, imported on first use: it costs about a second, which every `mmla` command would pay
+    (cli registers `report` at start) though only a report draws."""
+
+    def __getattr__(self, name):
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers and in CI
+        import matplotlib.pyplot
+
+        return getattr(matplotlib.pyplot, name)
+
+
+plt = _Pyplot()
 
 METRICS = ("ACC", "F1", "Precision", "Recall", "WF1", "WP")
 UNPARSED = ("unknown", "multi")
