@@ -268,10 +268,9 @@ def _decode(model, inputs: TextInputs, rows: list[Row], max_new_tokens: int, eos
         running.step(model, token)
 
 
-def _as_rows(inputs, prompts) -> tuple[TextInputs, list[Row]]:
-    """(tokenizer, prompt strings) from older callers -> (TextInputs, rows)."""
-    if not isinstance(inputs, TextInputs):
-        raise TypeError("engine functions take an mmla.inputs.Inputs (or a model and a tokenizer via _text)")
+def _as_rows(model, tok_or_inputs, prompts) -> tuple[TextInputs, list[Row]]:
+    """The seam and rows of a call: an `Inputs` with Rows, or (for text) a tokenizer with prompt strings."""
+    inputs = _text(model, tok_or_inputs)
     rows = prompts if not prompts or isinstance(prompts[0], Row) else inputs.encode(list(prompts))
     return inputs, rows
 
@@ -305,7 +304,7 @@ def generate(
     alone: row i gets a generator seeded from (seed, i)).
     `on_result(index, text)` is called as each prompt completes, so a caller can write results to disk as they come.
     """
-    inputs, rows = _as_rows(_text(model, inputs), prompts)
+    inputs, rows = _as_rows(model, inputs, prompts)
     if not rows:
         return []
     decoding = decoding or Decoding(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -466,7 +465,7 @@ def _continuation_logp(model, inputs, cache, mask, last, rows, picks) -> list[fl
 def prefill_only(model, inputs, prompts: list, batch_size: int = 16) -> int:
     """One plain forward over each prompt (no KV cache, no shared prefix): what any method that reads the
     model's answer from a full prompt must at least do. Returns the number of tokens run."""
-    inputs, rows = _as_rows(_text(model, inputs), prompts)
+    inputs, rows = _as_rows(model, inputs, prompts)
     if not rows:
         return 0
     for batch in _key_batches(rows, batch_size):
