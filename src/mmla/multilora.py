@@ -45,7 +45,7 @@ from . import data as data_mod
 from . import training
 from . import video as video_mod
 from .runs import claim, environment, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
-from .trainer import IGNORE, Collator, DevEval, answer_positions, bf16_frozen_matmuls, replace_dir, say
+from .trainer import IGNORE, Collator, DevEval, answer_positions, prepare_base, replace_dir, say
 from .training import TrainConfig, _check_identity, _record, build_split, frame_setting, validate, with_preset
 
 CKPT = "checkpoint"
@@ -326,13 +326,7 @@ def _setup(cfg: TrainConfig, datasets: list[str], out: Path, model, frame_cache)
     for i, ds in enumerate(datasets):
         (out / ds).mkdir(parents=True, exist_ok=True)
         adapters.append(Adapter(with_preset(cfg, ds), ds, f"a{i}", out / ds, inputs, collate, cache))
-    if precision == "mixed":
-        bf16_frozen_matmuls(model)
-    for c in (model.config, getattr(model.config, "text_config", None)):
-        if c is not None:
-            c.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
+    prepare_base(model, cfg, precision)
     with warnings.catch_warnings():  # peft calls a transformers property that warns of its own deprecation
         warnings.simplefilter("ignore", FutureWarning)
         for a in adapters:

@@ -267,6 +267,18 @@ class Run:
             write_json(self.out / "best.json", self.best)
 
 
+def prepare_base(model, cfg, precision: str) -> None:
+    """The frozen base before LoRA is added: bf16 frozen matmuls (precision=mixed), no KV cache while training (also
+    in a composite model's text config), inputs that carry gradients under gradient checkpointing."""
+    if precision == "mixed":
+        bf16_frozen_matmuls(model)
+    for c in (model.config, getattr(model.config, "text_config", None)):
+        if c is not None:
+            c.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+
 def bf16_frozen_matmuls(model) -> int:
     """precision=mixed: store the frozen linear weights in bf16 and run their matmuls in bf16 with the output
     cast back to fp32. Activations, the residual stream, norms, attention, the LoRA weights and the loss stay fp32.

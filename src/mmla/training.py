@@ -55,8 +55,8 @@ from .prompts import PROTOCOLS, render, target
 from .runs import claim, environment, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, \
     writing
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
-from .trainer import Collator, DevEval, Run, VideoItems, bf16_frozen_matmuls, is_main, last_checkpoint, \
-    placement, precision_for, refuse_disk, say, save_adapter, trainer_classes
+from .trainer import Collator, DevEval, Run, VideoItems, is_main, last_checkpoint, \
+    placement, precision_for, prepare_base, refuse_disk, say, save_adapter, trainer_classes
 
 SETTINGS = ("sft", "it")
 PRESET_NAMES = ("paper", "fast")
@@ -483,13 +483,7 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
         log_path.unlink()
 
     set_seed(cfg.seed)  # the same LoRA initialisation in every run of this config
-    if precision == "mixed":
-        bf16_frozen_matmuls(model)
-    for c in (model.config, getattr(model.config, "text_config", None)):
-        if c is not None:
-            c.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
+    prepare_base(model, cfg, precision)
     lora_target = cfg.lora_target or inputs.lora_target
     with warnings.catch_warnings():  # peft calls a transformers property that warns of its own deprecation
         warnings.simplefilter("ignore", FutureWarning)
