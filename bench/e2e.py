@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
+from results import emit  # noqa: E402  (bench/results.py)
 from mmla import engine  # noqa: E402
 from mmla.data import load_split  # noqa: E402
 from mmla.inputs import TextInputs  # noqa: E402
@@ -171,12 +172,7 @@ def main(argv=None) -> dict:
     }
     if "generate_batch" in rate:
         result["command_over_generate_batch"] = round(rate["command"] / rate["generate_batch"], 3)
-    text = json.dumps(result, indent=2)
-    print(text)
-    print(f"reproduce: {result['command']}")
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

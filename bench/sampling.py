@@ -17,7 +17,6 @@ N/k of each of k datasets), chat-wrapped by the model's template.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -29,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from results import emit  # noqa: E402  (bench/results.py)
 from mmla import engine  # noqa: E402
 from mmla.data import load_split  # noqa: E402
 from mmla.inference import row_seed  # noqa: E402
@@ -107,12 +107,7 @@ def main(argv=None) -> dict:
         "samples_per_s": {"padded": round(n / t_padded, 3), "ours": round(n / t_ours, 3)},
         "speedup": round(t_padded / t_ours, 2),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    print(f"reproduce: {result['command']}")
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import platform
 import shlex
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from results import emit  # noqa: E402  (bench/results.py)
 from mmla import inference, tiny  # noqa: E402
 from mmla import video as V  # noqa: E402
 from mmla.evaluation import parse_output  # noqa: E402
@@ -208,12 +208,7 @@ def main(argv=None) -> dict:
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    print(f"reproduce: {result['command']}")
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
