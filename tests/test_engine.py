@@ -167,6 +167,23 @@ def test_feeds_share_rows():
     assert serve == [0, 0, None, 1]
 
 
+def test_batches_cut_where_padding_costs_more_than_a_forward():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.choice([90, 95, 100, 130, 135, 140]) + rng.randint(0, 5) for _ in range(200)]
+    batches = engine._batches(lengths, 32)
+    assert sorted(i for b in batches for i in b) == list(range(200))  # every row once
+    assert all(1 <= len(b) <= 32 for b in batches)
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat, reverse=True)  # longest first
+    run = lambda bs: sum(len(b) * max(lengths[i] for i in b) + 2 * 32 for b in bs)  # noqa: E731
+    fixed = [sorted(range(200), key=lambda i: -lengths[i])[k : k + 32] for k in range(0, 200, 32)]
+    assert run(batches) < run(fixed)
+    assert len(engine._batches([7] * 70, 32)) == 3  # equal lengths: no padding to save, as few forwards as can be
+    assert engine._batches([], 4) == [] and engine._batches([3], 4) == [[0]]
+
+
 def test_prefill_only_counts_tokens(tiny):
     model, tok = tiny["llama"]
     prompts = ["a", "b c d", "e f"]

@@ -315,5 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `mmla` console script and `python -m mmla.cli`: main() with the cyclic garbage collector kept off the
+    start-up's objects (mmla.runs.pause_gc), which also lets the interpreter exit without rescanning them."""
+    import gc
+
+    from .runs import pause_gc
+
+    pause_gc()
+    code = main()
+    gc.freeze()  # what is left lives until exit: the interpreter's teardown does not rescan it
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
@@ -41,9 +42,27 @@ _WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLog
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, so memory trouble shows up at once)."""
+    """Indices grouped into batches of at most `batch_size` rows of similar length, longest first (so memory
+    trouble shows up at once). Where the batches are cut is chosen to minimise the tokens run, padding included,
+    plus a forward's fixed cost counted as two tokens per row of a full batch: the cheapest partition of the
+    length-sorted rows into runs, by dynamic programming. A fixed cut every `batch_size` rows pads each row to
+    its batch's longest (about 7% more tokens on MELD + MIntRec test prompts at 32 rows)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    widths = [lengths[i] for i in order]
+    n, overhead = len(widths), 2 * batch_size
+    w = np.array(widths, dtype=np.float64)
+    cost = np.zeros(n + 1)  # cost[j]: the cheapest batching of the first j rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        k = np.arange(max(0, j - batch_size), j)  # a last batch of rows k..j-1, padded to widths[k]
+        c = cost[k] + (j - k) * w[k]
+        best = int(np.argmin(c))
+        cost[j], cut[j] = c[best] + overhead, int(k[best])
+    bounds, j = [], n
+    while j:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    return [order[a:b] for a, b in reversed(bounds)]
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,7 +408,7 @@ def score(
     rests = [r for _, r in prompts]
     shared = _shared_prefix(model, inputs, heads)
     results: list[Scored | None] = [None] * len(prompts)
-    for batch in _key_batches(heads, batch_size):
+    for batch in _key_batches(heads, batch_size, shared.length if shared else 0):
         cache, mask, last, logits = _prefill(model, inputs, [heads[i] for i in batch], shared)
         first = torch.log_softmax(logits.float(), dim=-1)
         # Every candidate starts with the log-probability of its first own token, read off the prefill.
@@ -426,14 +445,14 @@ def score(
     return results
 
 
-def _key_batches(rows: list[Row], batch_size: int) -> list[list[int]]:
-    """Length-sorted batches of rows whose media can share a forward."""
+def _key_batches(rows: list[Row], batch_size: int, skip: int = 0) -> list[list[int]]:
+    """Length-sorted batches of rows whose media can share a forward (`skip`: leading tokens already run)."""
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r.key, []).append(i)
     out = []
     for members in groups.values():
-        out += [[members[j] for j in b] for b in _batches([len(rows[i].ids) for i in members], batch_size)]
+        out += [[members[j] for j in b] for b in _batches([len(rows[i].ids) - skip for i in members], batch_size)]
     return out
 
 

@@ -27,8 +27,8 @@ from . import distributed
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
-from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, read_config, read_jsonl, write_config, \
-    write_json
+from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, read_config, read_jsonl, startup_done, \
+    write_config, write_json
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")
@@ -255,6 +255,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
             raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
     t_load = time.perf_counter() - t_load
+    startup_done()
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     if ranks.main:
         write_config(out / "config.yaml", {**dataclasses.asdict(cfg),

@@ -52,8 +52,8 @@ from . import data as data_mod
 from . import video as video_mod
 from .config import coerce
 from .prompts import PROTOCOLS, render, target
-from .runs import claim, environment, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, \
-    writing
+from .runs import claim, environment, read_config, read_json, read_jsonl, startup_done, write_config, write_json, \
+    write_jsonl, writing
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 from .trainer import Collator, DevEval, Run, VideoItems, is_main, last_checkpoint, \
     placement, precision_for, prepare_base, refuse_disk, say, save_adapter, trainer_classes
@@ -426,6 +426,7 @@ def load_for_training(cfg: TrainConfig, model=None):
     model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
                             trust_remote_code=cfg.trust_remote_code, modality=cfg.modality, **placement(cfg))
     refuse_disk(model, cfg)
+    startup_done()
     return model, tok, device, precision
 
 
