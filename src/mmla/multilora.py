@@ -5,10 +5,13 @@ The paper trains one LoRA adapter per dataset at an effective batch of 4, which 
 The base model is frozen and the same for every dataset, so the runs can share it: each micro-batch holds the next
 micro-batch of every dataset still training, and each row goes through its own dataset's adapter only.
 
-Routing. peft's LoRA layers compute a mixed batch with `adapter_names=` (one adapter name per row, each adapter
-applied to its own rows through an index). That layer-level computation is differentiable; only PeftModel.forward
-refuses `adapter_names` in training mode. So the names are injected with our own forward pre-hooks on the LoRA
-layers (`Router`), and gradients reach only the adapter that owns a row. Video rows go through the same seam
+Routing (`Router`). The micro-batch holds each adapter's rows together, so in every LoRA layer an adapter owns one
+slice of rows: the frozen base layer runs once over the whole batch and each adapter's low-rank update runs on its
+own slice (one batched matmul across adapters when the slices are alike), and gradients reach only the adapter that
+owns a row. peft's own mixed batch (`adapter_names=`, one name per row, rows gathered and scattered by index in
+every layer) computes the same; it cost more than the base model's work saved by batching on a CPU, and remains
+the path for LoRA variants. PeftModel.forward refuses `adapter_names` in training mode; at the layer level it is
+differentiable. Video rows go through the same seam
 (mmla.inputs) and collator as in a separate run: their media tensors are concatenated in row order, the vision
 tower (no LoRA) sees them all, and the language model's LoRA layers route each row to its dataset's adapter.
 
@@ -52,28 +55,77 @@ CKPT = "checkpoint"
 
 
 class Router:
-    """Per-row adapter names for every LoRA layer: `rows` (one name per row of the batch) or `only` (all rows)."""
+    """Which adapter each row of a batch goes through, in every LoRA layer: `spans` ((adapter, first row, end row)
+    in row order, covering the batch: each adapter's rows are contiguous) or `only` (one adapter for all rows).
+
+    A plain LoRA linear layer computes its routed update itself: the frozen base layer once over the whole batch,
+    then each adapter's low-rank update on its own slice of rows, as one batched matmul (torch.bmm over stacked A
+    and B) when every adapter has the same number of rows and the same rank, else one pair of matmuls per slice,
+    concatenated. Slices are views and the result is one addition, so nothing is gathered or scattered by index.
+    Other LoRA layers (DoRA and other variants, LoRA biases, embeddings, merged or disabled adapters) take peft's own
+    mixed-batch path with one adapter name per row (`adapter_names`, differentiable at the layer level)."""
 
     def __init__(self):
-        self.rows: list[str] | None = None
+        self.spans: list[tuple[str, int, int]] | None = None
         self.only: str | None = None
 
     def attach(self, model) -> int:
+        import types
+
         from peft.tuners.lora import LoraLayer
 
         n = 0
         for m in model.modules():
             if isinstance(m, LoraLayer):
-                m.register_forward_pre_hook(self._hook, with_kwargs=True)
+                m.forward = types.MethodType(self._forward(m.forward), m)
                 n += 1
         return n
 
-    def _hook(self, module, args, kwargs):
-        if self.rows is None and self.only is None:
-            return None
-        x = args[0] if args else kwargs["x"]
-        kwargs["adapter_names"] = self.rows if self.rows is not None else [self.only] * x.shape[0]
-        return args, kwargs
+    def _forward(self, peft_forward):
+        router = self
+
+        def forward(layer, x, *args, **kwargs):
+            spans = router.spans if router.spans is not None else (
+                [(router.only, 0, x.shape[0])] if router.only is not None else None)
+            if spans is None:
+                return peft_forward(x, *args, **kwargs)
+            if spans[-1][2] != x.shape[0] or not _plain(layer, spans):
+                names = [a for a, start, end in spans for _ in range(end - start)]
+                return peft_forward(x, *args, adapter_names=names, **kwargs)
+            result = layer.base_layer(x, *args, **kwargs)
+            return (result + _routed_update(layer, x, spans)).to(result.dtype)
+
+        return forward
+
+
+def _plain(layer, spans) -> bool:
+    """A vanilla LoRA linear layer for every adapter in the batch (what `_routed_update` computes)."""
+    from peft.tuners.lora.layer import Linear
+
+    if not isinstance(layer, Linear) or layer.disable_adapters or layer.merged:
+        return False
+    return all(a in layer.lora_A and a not in layer.lora_variant and layer.lora_B[a].bias is None
+               for a, _, _ in spans)
+
+
+def _routed_update(layer, x, spans):
+    """Each row's update through its own adapter: B_a(A_a(dropout_a(x_rows))) * scaling_a, rows in order."""
+    import torch
+
+    names = [a for a, _, _ in spans]
+    x = x.to(layer.lora_A[names[0]].weight.dtype)
+    sizes = {end - start for _, start, end in spans}
+    ranks = {layer.lora_A[a].weight.shape[0] for a in names}
+    identity = all(isinstance(layer.lora_dropout[a], torch.nn.Identity) for a in names)
+    if len(spans) > 1 and len(sizes) == 1 and len(ranks) == 1 and identity:
+        k = len(spans)
+        xs = x.reshape(k, -1, x.shape[-1])  # (adapters, its rows x tokens, in)
+        a_t = torch.stack([layer.lora_A[a].weight for a in names]).transpose(1, 2)  # (adapters, in, r)
+        b_t = torch.stack([layer.lora_B[a].weight for a in names]).transpose(1, 2)  # (adapters, r, out)
+        scale = torch.tensor([layer.scaling[a] for a in names], dtype=xs.dtype, device=xs.device).view(k, 1, 1)
+        return (torch.bmm(torch.bmm(xs, a_t), b_t) * scale).reshape(*x.shape[:-1], -1)
+    return torch.cat([layer.lora_B[a](layer.lora_A[a](layer.lora_dropout[a](x[start:end]))) * layer.scaling[a]
+                      for a, start, end in spans])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -427,9 +479,10 @@ def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress
         step_loss = torch.zeros(len(todo), dtype=torch.float64)
         tokens = [0] * len(todo)
         for j in range(max(len(m) for *_r, m in todo)):
-            rows, owners = [], []
+            rows, owners, spans = [], [], []  # each adapter's rows together: one slice of the batch per adapter
             for a, _, _, micro in todo:
                 if j < len(micro):
+                    spans.append((a.name, len(rows), len(rows) + len(micro[j])))
                     rows += micro[j]
                     owners += [a.name] * len(micro[j])
             batch = collate(rows)
@@ -438,12 +491,12 @@ def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress
             owner = torch.tensor([index[o] for o in owners], device=device)
             for r, o in zip(rows, owners):
                 tokens[index[o]] += len(r["input_ids"])
-            router.rows = owners
+            router.spans = spans
             with autocast:
                 per = _step_losses(model, batch, owner, n_items, len(todo), cfg.answer_logits_only)
             per.sum().backward()
             step_loss += per.detach().double().cpu()
-        router.rows = None
+        router.spans = None
         dt = max(time.time() - t0, 1e-9)
         train_time += dt
         joint += 1
