@@ -340,6 +340,27 @@ def _check_config(cfg: TrainConfig, datasets: list[str]) -> None:
         raise ValueError(f"concurrent training: a dataset is named twice in {','.join(datasets)}")
 
 
+def _joint_batches(todo):
+    """The forwards of one joint step: (rows, owner of each row, spans). Every row of every adapter's optimiser
+    step, longest first, in forwards of as many rows as one micro-batch of each adapter, so rows of similar length
+    share a forward and pad less; within a forward each adapter's rows are together (one slice per adapter, as the
+    Router wants). An adapter's rows are summed into its gradient before its optimiser step, whichever forwards
+    they take: the grouping changes only the rounding of that sum."""
+    order = {a.name: k for k, (a, *_rest) in enumerate(todo)}
+    rows = sorted(((it, a.name) for a, _, _, micro in todo for mb in micro for it in mb),
+                  key=lambda r: -len(r[0]["input_ids"]))
+    width = sum(len(micro[0]) for *_rest, micro in todo)
+    for start in range(0, len(rows), width):
+        group = sorted(rows[start : start + width], key=lambda r: order[r[1]])  # stable: keeps length order
+        spans: list[tuple[str, int, int]] = []
+        for k, (_, name) in enumerate(group):
+            if spans and spans[-1][0] == name:
+                spans[-1] = (name, spans[-1][1], k + 1)
+            else:
+                spans.append((name, k, k + 1))
+        yield [it for it, _ in group], [name for _, name in group], spans
+
+
 def _step_losses(model, batch: dict, owner, n_items, n_adapters: int, answer_only: bool):
     """Forward one joint micro-batch; returns the per-adapter losses (sum of answer-token cross-entropy over the
     adapter's rows / the adapter's answer tokens in its whole optimiser step), as a vector."""
@@ -478,13 +499,7 @@ def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress
                                 for *_r, micro in todo], dtype=torch.float32, device=device)
         step_loss = torch.zeros(len(todo), dtype=torch.float64)
         tokens = [0] * len(todo)
-        for j in range(max(len(m) for *_r, m in todo)):
-            rows, owners, spans = [], [], []  # each adapter's rows together: one slice of the batch per adapter
-            for a, _, _, micro in todo:
-                if j < len(micro):
-                    spans.append((a.name, len(rows), len(rows) + len(micro[j])))
-                    rows += micro[j]
-                    owners += [a.name] * len(micro[j])
+        for rows, owners, spans in _joint_batches(todo):
             batch = collate(rows)
             batch.pop("num_tokens")
             batch = {k: v.to(device) for k, v in batch.items()}
