@@ -20,7 +20,7 @@ steps each, in one run. Aggregate tokens/s = all adapters' tokens / training tim
 --warmup steps (the data order is the same in both, so the tokens are too).
 
     python bench/train.py --concurrent 4 --steps 6 --threads 2     # CPU, SmolLM2-135M
-    python bench/train.py --concurrent 10 --arch qwen2-1.5b --random-init --steps 8   # GPU
+    python bench/train.py --concurrent 10 --arch qwen2-1.5b --random-init --steps 8 --concurrent-rows 40  # GPU
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def run_concurrent(args, workdir: Path) -> dict:
         raise SystemExit(f"--concurrent {args.concurrent} needs {args.concurrent} datasets in --datasets")
     values = {"model": args.model if not args.random_init else args.arch, "data": args.data, "datasets": names,
               "setting": "sft", "preset": "paper", "max_steps": args.steps, "eval_steps": 0, "save_steps": 10**6,
-              "limit": args.limit or 4 * args.steps, "seed": args.seed, "threads": args.threads}
+              "limit": args.limit or 4 * args.steps, "seed": args.seed, "threads": args.threads,
+              "concurrent_rows": args.concurrent_rows}
     if args.random_init:
         values["modality"] = "text"  # a bare architecture name has no config to read the modality from
     cfg = make_config(values)
@@ -145,6 +146,7 @@ def run_concurrent(args, workdir: Path) -> dict:
         per[ds] = round(n / t, 1)
     con_tps, seq_tps = con_tokens / con_time, seq_tokens / seq_time
     return {"adapters": len(names), "datasets": names, "steps": args.steps, "warmup": args.warmup,
+            "concurrent_rows": args.concurrent_rows,
             "concurrent_tokens_per_s": round(con_tps, 1), "sequential_tokens_per_s": round(seq_tps, 1),
             "speedup": round(con_tps / seq_tps, 2), "sequential_per_dataset_tokens_per_s": per,
             "concurrent_wall_s": round(con_wall, 1), "sequential_wall_s": round(seq_wall, 1),
@@ -173,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--json-out", help="also write the JSON here")
     p.add_argument("--concurrent", type=int, metavar="K",
                    help="K adapters trained concurrently vs one after another (paper preset)")
+    p.add_argument("--concurrent-rows", type=int, metavar="N",
+                   help="with --concurrent: rows per joint forward (default: one micro-batch per adapter)")
     args = p.parse_args(argv)
     if args.random_init and not args.arch:
         p.error("--random-init needs --arch")

@@ -130,6 +130,61 @@ def test_concurrent_adapters_equal_separate_runs(runs, initial):
     assert not (out / "concurrent" / "checkpoint").exists()
 
 
+def test_any_grouping_of_the_rows_gives_the_same_adapters(runs, initial, tiny_llama, small_root, tmp_path):
+    """concurrent_rows=5: forwards of 5 rows, an adapter's rows split across forwards and unequal slices."""
+    out, _ = runs
+    _train("concurrent", make_config(_values(tiny_llama, small_root, tmp_path, concurrent=True, concurrent_rows=5)))
+    for ds in SIZES:
+        assert _rel(_weights(tmp_path / ds), _weights(out / "separate" / ds), initial) < 2e-5, ds
+        assert [e["loss"] for e in _log(tmp_path / ds)] == pytest.approx(
+            [e["loss"] for e in _log(out / "separate" / ds)], rel=1e-5)
+
+
+@pytest.mark.parametrize("rows", [(2, 2, 2), (1, 3, 2)])  # equal slices: one batched matmul; unequal: per slice
+def test_routed_lora_layer_equals_peft_mixed_batch(tiny_llama, rows):
+    """Router's update on a plain LoRA layer == peft's own mixed-batch forward (adapter_names), values and
+    gradients of every adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear
+
+    from mmla.models import load_model
+
+    model, _ = load_model(str(tiny_llama), dtype="float32", device="cpu")
+    for i in range(3):
+        cfg = LoraConfig(r=4, lora_alpha=8 * (i + 1), target_modules=["q_proj"], task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg, adapter_name="a0") if i == 0 else (model.add_adapter(f"a{i}", cfg) or model)
+    layer = next(m for m in model.modules() if isinstance(m, Linear))
+    torch.manual_seed(0)
+    for i in range(3):  # B starts at zero: give every adapter an update to route
+        torch.nn.init.normal_(layer.lora_B[f"a{i}"].weight)
+    x = torch.randn(sum(rows), 5, layer.in_features)
+    spans, names, k = [], [], 0
+    for i, n in enumerate(rows):
+        spans.append((f"a{i}", k, k + n))
+        names += [f"a{i}"] * n
+        k += n
+    params = [p for n, p in layer.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+
+    def run(forward):
+        for p in params:
+            p.grad = None
+        y = forward()
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in params]
+
+    router = multilora.Router()
+    peft_forward = layer.forward
+    routed = router._forward(peft_forward).__get__(layer)
+    router.spans = spans
+    ours = run(lambda: routed(x))
+    theirs = run(lambda: peft_forward(x, adapter_names=names))
+    for a, b in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):  # float rounding apart (summation order)
+        assert float((a - b).norm() / b.norm()) < 1e-6
+
+
 def test_saved_adapter_loads_with_peft(runs, tiny_llama):
     import torch
 

@@ -340,16 +340,16 @@ def _check_config(cfg: TrainConfig, datasets: list[str]) -> None:
         raise ValueError(f"concurrent training: a dataset is named twice in {','.join(datasets)}")
 
 
-def _joint_batches(todo):
+def _joint_batches(todo, width: int | None = None):
     """The forwards of one joint step: (rows, owner of each row, spans). Every row of every adapter's optimiser
-    step, longest first, in forwards of as many rows as one micro-batch of each adapter, so rows of similar length
-    share a forward and pad less; within a forward each adapter's rows are together (one slice per adapter, as the
-    Router wants). An adapter's rows are summed into its gradient before its optimiser step, whichever forwards
-    they take: the grouping changes only the rounding of that sum."""
+    step, longest first, in forwards of `width` rows (default: as many as one micro-batch of each adapter), so rows
+    of similar length share a forward and pad less; within a forward each adapter's rows are together (one slice
+    per adapter, as the Router wants). An adapter's rows are summed into its gradient before its optimiser step,
+    whichever forwards they take: the grouping changes only the rounding of that sum."""
     order = {a.name: k for k, (a, *_rest) in enumerate(todo)}
     rows = sorted(((it, a.name) for a, _, _, micro in todo for mb in micro for it in mb),
                   key=lambda r: -len(r[0]["input_ids"]))
-    width = sum(len(micro[0]) for *_rest, micro in todo)
+    width = width or sum(len(micro[0]) for *_rest, micro in todo)
     for start in range(0, len(rows), width):
         group = sorted(rows[start : start + width], key=lambda r: order[r[1]])  # stable: keeps length order
         spans: list[tuple[str, int, int]] = []
@@ -499,7 +499,7 @@ def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress
                                 for *_r, micro in todo], dtype=torch.float32, device=device)
         step_loss = torch.zeros(len(todo), dtype=torch.float64)
         tokens = [0] * len(todo)
-        for rows, owners, spans in _joint_batches(todo):
+        for rows, owners, spans in _joint_batches(todo, cfg.concurrent_rows):
             batch = collate(rows)
             batch.pop("num_tokens")
             batch = {k: v.to(device) for k, v in batch.items()}

@@ -136,6 +136,10 @@ class TrainConfig:
     # SFT of several datasets in one process over one frozen base, one adapter per dataset: read by mmla.cli and
     # mmla.experiment, which call mmla.multilora.train (issue 11); `train` here trains them one after another
     concurrent: bool = False
+    # rows per joint forward of a concurrent run (None: one micro-batch of every adapter still training). Each
+    # adapter's optimiser step is the same whatever the grouping (only the rounding of its gradient sum moves): more
+    # rows fill a GPU that a batch of 4 per adapter leaves idle, at the memory of a larger forward
+    concurrent_rows: int | None = None
     explicit: list[str] = field(default_factory=list)  # set by make_config: the keys the user gave (kept per dataset)
 
 
@@ -297,7 +301,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, key) not in FAMILIES:
             raise ValueError(f"{key} must be one of {', '.join(FAMILIES)}, got '{getattr(cfg, key)}'")
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_rank", "eval_batch_size",
-                "eval_max_new_tokens", "save_steps", "logging_steps", "limit", "eval_limit", "max_steps", "threads"):
+                "eval_max_new_tokens", "save_steps", "logging_steps", "limit", "eval_limit", "max_steps", "threads",
+                "concurrent_rows"):
         v = getattr(cfg, key)
         if v is not None and v < 1:
             raise ValueError(f"{key} must be a positive integer, got {v}")
