@@ -101,6 +101,33 @@ def test_readme_commands_rerun_as_typed(tmp_path, data_root):
         assert len(_lines(out / "predictions.jsonl")) == 6
 
 
+def test_collection_resumes_before_the_model_loads(tiny_llama, data_root, tmp_path, monkeypatch):
+    """The `mmla` process pauses the cyclic GC for its imports (runs.pause_gc); predict resumes it before it loads
+    the model, so the model is not frozen and a later stage that drops it frees it."""
+    import gc
+
+    from mmla import inference, models, runs
+
+    seen = {}
+    load = models.load_model
+
+    def spy(*args, **kwargs):
+        seen["enabled_at_load"] = gc.isenabled()
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", spy)
+    monkeypatch.setattr(inference, "load_model", spy, raising=False)
+    runs.pause_gc()
+    try:
+        cfg = inference.PredictConfig(model=str(tiny_llama), data=str(data_root), datasets=["MOSI"], split="test",
+                                      limit=2, mode="score", out=str(tmp_path / "run"))
+        inference.predict(cfg, progress=False)
+        assert seen == {"enabled_at_load": True} and gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 def _sampling_model(tiny_llama, tmp_path):
     """The tiny model with Qwen2-Instruct's shipped sampling settings in its generation config."""
     import shutil

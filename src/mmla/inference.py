@@ -236,6 +236,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
                                           num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
     model = inputs = decoding = server = None
     runner = engine
+    startup_done()  # the imports are done; the model's objects are not frozen (a later stage may drop them)
     t_load = time.perf_counter()
     if todo and cfg.backend == "openai":  # the same prompts and decoding, sent to a server
         from .openai_backend import ApiInputs, Runner, prepare
@@ -255,7 +256,6 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
             raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
     t_load = time.perf_counter() - t_load
-    startup_done()
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     if ranks.main:
         write_config(out / "config.yaml", {**dataclasses.asdict(cfg),

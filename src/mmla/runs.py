@@ -223,16 +223,17 @@ def pause_gc() -> None:
     """For the `mmla` process only (cli.entry). Start-up imports torch and transformers: about 4,000 modules whose
     objects live until exit. The cyclic garbage collector rescans them again and again while they load (0.6 s of a
     3.5 s start-up here) and once more at exit (about 1 s), finding nothing to free. So collection pauses during
-    start-up; `startup_done` resumes it, and the entry point freezes everything before the interpreter exits."""
+    the imports; `startup_done` resumes it, and the entry point freezes everything before the interpreter exits."""
     global _gc_paused
     gc.disable()
     _gc_paused = True
 
 
 def startup_done() -> None:
-    """Imports and the model load are over: collect once (nothing start-up dropped is kept), exempt what remains
-    from later collections (gc.freeze: it lives for the whole run) and resume collecting. A no-op unless
-    `pause_gc` ran (e.g. when mmla is used as a library or in tests)."""
+    """The imports are over (call it before loading a model): collect once (nothing start-up dropped is kept),
+    exempt what remains from later collections (gc.freeze: modules and their objects live until exit) and resume
+    collecting. A model is loaded after it, so a stage that drops its model (`mmla run`) frees it as usual. A
+    no-op unless `pause_gc` ran (e.g. when mmla is used as a library or in tests)."""
     global _gc_paused
     if _gc_paused:
         gc.collect()

@@ -422,6 +422,7 @@ def load_for_training(cfg: TrainConfig, model=None):
 
     from .models import load_model, pick_device
 
+    startup_done()  # the imports are done; the model's objects are not frozen (a later stage may drop them)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -431,7 +432,6 @@ def load_for_training(cfg: TrainConfig, model=None):
     model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
                             trust_remote_code=cfg.trust_remote_code, modality=cfg.modality, **placement(cfg))
     refuse_disk(model, cfg)
-    startup_done()
     return model, tok, device, precision
 
 
