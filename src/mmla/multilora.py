@@ -2,8 +2,9 @@
 video (issue 11).
 
 The paper trains one LoRA adapter per dataset at an effective batch of 4, which leaves an accelerator mostly idle.
-The base model is frozen and the same for every dataset, so the runs can share it: each micro-batch holds the next
-micro-batch of every dataset still training, and each row goes through its own dataset's adapter only.
+The base model is frozen and the same for every dataset, so the runs can share it: each joint step holds the next
+optimiser step of every dataset still training, its rows sorted by length into forwards (`_joint_batches`), and
+each row goes through its own dataset's adapter only.
 
 Routing (`Router`). The micro-batch holds each adapter's rows together, so in every LoRA layer an adapter owns one
 slice of rows: the frozen base layer runs once over the whole batch and each adapter's low-rank update runs on its
@@ -11,9 +12,9 @@ own slice (one batched matmul across adapters when the slices are alike), and gr
 owns a row. peft's own mixed batch (`adapter_names=`, one name per row, rows gathered and scattered by index in
 every layer) computes the same; it cost more than the base model's work saved by batching on a CPU, and remains
 the path for LoRA variants. PeftModel.forward refuses `adapter_names` in training mode; at the layer level it is
-differentiable. Video rows go through the same seam
-(mmla.inputs) and collator as in a separate run: their media tensors are concatenated in row order, the vision
-tower (no LoRA) sees them all, and the language model's LoRA layers route each row to its dataset's adapter.
+differentiable. Video rows go through the same seam (mmla.inputs) and collator as in a separate run: their media
+tensors are concatenated in row order, the vision tower (no LoRA) sees them all, and the language model's LoRA
+layers route each row to its dataset's adapter.
 
 Per adapter, the same maths as a separate `mmla train` run of that dataset (tests/test_multilora.py checks weights
 and loss curves against one): its config (for video the paper table's row of its dataset), the LoRA initialisation
