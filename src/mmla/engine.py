@@ -48,9 +48,8 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     length-sorted rows into runs, by dynamic programming. A fixed cut every `batch_size` rows pads each row to
     its batch's longest (about 7% more tokens on MELD + MIntRec test prompts at 32 rows)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    widths = [lengths[i] for i in order]
-    n, overhead = len(widths), 2 * batch_size
-    w = np.array(widths, dtype=np.float64)
+    w = np.array([lengths[i] for i in order], dtype=np.float64)  # length-sorted widths
+    n, overhead = len(order), 2 * batch_size
     cost = np.zeros(n + 1)  # cost[j]: the cheapest batching of the first j rows
     cut = [0] * (n + 1)
     for j in range(1, n + 1):

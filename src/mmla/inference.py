@@ -236,7 +236,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
                                           num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
     model = inputs = decoding = server = None
     runner = engine
-    startup_done()  # the imports are done; the model's objects are not frozen (a later stage may drop them)
+    startup_done()  # the imports are done (load_model does it too; an OpenAI-backend run loads no model)
     t_load = time.perf_counter()
     if todo and cfg.backend == "openai":  # the same prompts and decoding, sent to a server
         from .openai_backend import ApiInputs, Runner, prepare

@@ -91,12 +91,16 @@ class Router:
             if spans is None:
                 return peft_forward(x, *args, **kwargs)
             if spans[-1][2] != x.shape[0] or not _plain(layer, spans):
-                names = [a for a, start, end in spans for _ in range(end - start)]
-                return peft_forward(x, *args, adapter_names=names, **kwargs)
+                return peft_forward(x, *args, adapter_names=owners(spans), **kwargs)
             result = layer.base_layer(x, *args, **kwargs)
             return (result + _routed_update(layer, x, spans)).to(result.dtype)
 
         return forward
+
+
+def owners(spans) -> list[str]:
+    """The adapter of each row, from the spans."""
+    return [a for a, start, end in spans for _ in range(end - start)]
 
 
 def _plain(layer, spans) -> bool:
@@ -342,7 +346,7 @@ def _check_config(cfg: TrainConfig, datasets: list[str]) -> None:
 
 
 def _joint_batches(todo, width: int | None = None):
-    """The forwards of one joint step: (rows, owner of each row, spans). Every row of every adapter's optimiser
+    """The forwards of one joint step: (rows, spans). Every row of every adapter's optimiser
     step, longest first, in forwards of `width` rows (default: as many as one micro-batch of each adapter), so rows
     of similar length share a forward and pad less; within a forward each adapter's rows are together (one slice
     per adapter, as the Router wants). An adapter's rows are summed into its gradient before its optimiser step,
@@ -359,7 +363,7 @@ def _joint_batches(todo, width: int | None = None):
                 spans[-1] = (name, spans[-1][1], k + 1)
             else:
                 spans.append((name, k, k + 1))
-        yield [it for it, _ in group], [name for _, name in group], spans
+        yield [it for it, _ in group], spans
 
 
 def _step_losses(model, batch: dict, owner, n_items, n_adapters: int, answer_only: bool):
@@ -500,12 +504,13 @@ def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress
                                 for *_r, micro in todo], dtype=torch.float32, device=device)
         step_loss = torch.zeros(len(todo), dtype=torch.float64)
         tokens = [0] * len(todo)
-        for rows, owners, spans in _joint_batches(todo, cfg.concurrent_rows):
+        for rows, spans in _joint_batches(todo, cfg.concurrent_rows):
             batch = collate(rows)
             batch.pop("num_tokens")
             batch = {k: v.to(device) for k, v in batch.items()}
-            owner = torch.tensor([index[o] for o in owners], device=device)
-            for r, o in zip(rows, owners):
+            owner_names = owners(spans)
+            owner = torch.tensor([index[o] for o in owner_names], device=device)
+            for r, o in zip(rows, owner_names):
                 tokens[index[o]] += len(r["input_ids"])
             router.spans = spans
             with autocast:

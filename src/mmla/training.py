@@ -52,8 +52,8 @@ from . import data as data_mod
 from . import video as video_mod
 from .config import coerce
 from .prompts import PROTOCOLS, render, target
-from .runs import claim, environment, read_config, read_json, read_jsonl, startup_done, write_config, write_json, \
-    write_jsonl, writing
+from .runs import claim, environment, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, \
+    writing
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 from .trainer import Collator, DevEval, Run, VideoItems, is_main, last_checkpoint, \
     placement, precision_for, prepare_base, refuse_disk, say, save_adapter, trainer_classes
@@ -422,7 +422,6 @@ def load_for_training(cfg: TrainConfig, model=None):
 
     from .models import load_model, pick_device
 
-    startup_done()  # the imports are done; the model's objects are not frozen (a later stage may drop them)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
