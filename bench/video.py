@@ -7,7 +7,7 @@ out as a data root (<tmp>/MELD/test.tsv, <tmp>/MELD/video/MELD_<id>.mp4).
   official   one clip at a time, as the official Qwen2-VL infer.py: decode 4 frames with PyAV every time
              (np.linspace(0, total-1, 4), resized to 151,200 px), processor(text, videos), `model.generate`
              with batch 1, greedy.
-  ours_cold  mmla's path (`inference._run`, what `predict --modality video` runs): a background thread
+  ours_cold  mmla's path (`inference._run` on the local backend, what `predict --modality video` runs): a background thread
              decodes/encodes the next chunk while the model runs the current one, continuous batching of
              --batch-size rows (finished rows leave, queued ones join); empty frame cache (decodes + fills it).
   ours_warm  the same again, every clip's frames read from the frame cache (a repeated run).
@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from results import emit  # noqa: E402  (bench/results.py)
+from mmla.backends.local import LocalBackend  # noqa: E402
 from mmla import inference, tiny  # noqa: E402
 from mmla import video as V  # noqa: E402
 from mmla.evaluation import parse_output  # noqa: E402
@@ -91,7 +92,8 @@ def ours(model, processor, root: Path, examples, setting, decoding, cache, batch
                                   batch_size=batch_size, mode="generate", modality="video", out="unused")
     sink = _Sink()
     todo = [(e, 0) for e in examples]  # (row, which draw): one greedy answer per row
-    inference._run(cfg, model, make_inputs(model, processor, setting), decoding, cache, todo, sink, progress=False)
+    backend = LocalBackend.of(model, make_inputs(model, processor, setting))
+    inference._run(cfg, backend, decoding, cache, todo, sink, progress=False)
     by_id = {r["id"]: r["output"] for r in sink.records}
     return [by_id[e.id] for e in examples]
 

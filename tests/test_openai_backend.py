@@ -220,7 +220,7 @@ def test_rank_from_prompt_logprobs_equals_engine_score(model_dir):
     from mmla import engine
     from mmla.data import load_split
     from mmla.models import load_model
-    from mmla.openai_backend import rank
+    from mmla.backends.openai import rank
     from mmla.prompts import candidates, chat_text, render
 
     model, tok = load_model(model_dir, dtype="float32", device="cpu")
@@ -249,7 +249,7 @@ def test_video_messages_carry_the_runs_frames(tmp_path):
     from PIL import Image
 
     from mmla import video
-    from mmla.openai_backend import OpenAIBackendError, video_messages
+    from mmla.backends.openai import OpenAIBackendError, video_messages
     from mmla.prompts import chat_messages
 
     clip = sorted((ROOT.parent / "shared" / "data" / "videos").glob("*.mp4"))[0]

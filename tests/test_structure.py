@@ -12,7 +12,8 @@ LAYERS = [
     {"data", "prompts", "evaluation", "runs", "paper"},
     {"video", "models"},
     {"tiny", "inputs"},
-    {"engine", "openai_backend"},
+    {"backends"},
+    {"engine", "backends.local", "backends.openai"},
     {"trainer", "distributed"},
     {"inference", "training"},
     {"multilora"},
@@ -23,27 +24,48 @@ LAYERS = [
 ]
 
 
-def _imports(path: Path) -> set[str]:
+def _name(path: Path) -> str:
+    """A module's name under mmla: "engine", "backends" (a package's __init__), "backends.local"."""
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, mods: set[str]) -> set[str]:
     """mmla modules imported anywhere in the file (top level or inside functions)."""
+    here = path.relative_to(SRC).parts[:-1]  # the package a relative import starts from
+
+    def known(name: str) -> str:  # "backends.local.x" -> "backends.local"; "inputs.Row" -> "inputs"
+        parts = name.split(".")
+        while parts and ".".join(parts) not in mods:
+            parts.pop()
+        return ".".join(parts)
+
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from . import x / from .x import y
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
+            if node.level:
+                base = list(here[: len(here) - (node.level - 1)])
             elif node.module and node.module.split(".")[0] == "mmla":
-                parts = node.module.split(".")
-                found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+                base = []
+            else:
+                continue
+            module = node.module.split(".") if node.module else []
+            if module and module[0] == "mmla" and not node.level:
+                module = module[1:]
+            target = base + module
+            for a in node.names:
+                found.add(known(".".join(target + [a.name])) or known(".".join(target)) or "__init__")
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("mmla."))
-    return found
+            found.update(known(a.name[5:]) for a in node.names if a.name.startswith("mmla."))
+    return found - {""}
 
 
 def _graph() -> dict[str, set[str]]:
-    mods = {p.stem for p in SRC.glob("*.py")}
-    return {p.stem: _imports(p) & mods - {p.stem} for p in SRC.glob("*.py")}
+    files = [p for p in SRC.rglob("*.py")]
+    mods = {_name(p) for p in files}
+    return {_name(p): _imports(p, mods) - {_name(p)} for p in files}
 
 
 def test_no_import_cycle():
@@ -75,5 +97,5 @@ def test_imports_flow_down_the_layers():
 
 
 def test_modules_stay_readable():
-    long = {p.name: n for p in SRC.glob("*.py") if (n := len(p.read_text().splitlines())) > 650}
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 650}
     assert not long, long

@@ -204,6 +204,7 @@ def cmd_demo(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import backends
     from .prompts import PROTOCOLS
     from .tasks import FAMILIES, SPLITS
 
@@ -263,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     frame_args(sp)
     # an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve, a hosted API)
-    sp.add_argument("--backend", default="local", choices=("local", "openai"))
+    sp.add_argument("--backend", default="local", choices=backends.names(),
+                    help="local: the model here; openai: an OpenAI-compatible server (mmla.backends)")
     sp.add_argument("--base-url", help="openai backend: the server's /v1 URL, e.g. http://127.0.0.1:8000/v1")
     sp.add_argument("--api-key-env", metavar="VAR", help="openai backend: environment variable holding the API key")
     sp.add_argument("--concurrency", type=_positive_int, default=8, help="openai backend: requests in flight")

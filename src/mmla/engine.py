@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+from .backends import Scored
 from .inputs import Row, TextInputs, common_prefix
 from .models import device_of
 from .prompts import Decoding
@@ -345,11 +346,6 @@ def generate(
 
 
 # ---------------------------------------------------------------- scoring
-
-
-class Scored(NamedTuple):
-    best: int  # index of the highest-scoring candidate
-    scores: list[float]  # per candidate: summed log-probability of its tokens after the shared prefix
 
 
 def _feeds(rests: list[list[int]]) -> tuple[list[tuple[int, ...]], list[int | None]]:

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import backends
 from . import data as data_mod
 from . import distributed
 from . import video as video_mod
@@ -67,8 +68,8 @@ class PredictConfig:
     paper_model: str | None = None  # the paper's model name this run reproduces, e.g. Qwen2-1.5B
     name: str | None = None
     out: str = "runs/predict"
-    # an OpenAI-compatible server instead of a local model (mmla.openai_backend): vLLM, SGLang, a hosted API
-    backend: str = "local"  # local | openai
+    # what runs the prompts (mmla.backends): the model here, or an OpenAI-compatible server (vLLM, SGLang, an API)
+    backend: str = "local"  # a name in mmla.backends.BACKENDS
     base_url: str | None = None
     api_key_env: str | None = None  # the NAME of the environment variable holding the key; the key is never stored
     concurrency: int = 8  # openai: requests in flight
@@ -87,10 +88,8 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
     cfg = dataclasses.replace(cfg)
     if cfg.modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {', '.join(MODALITIES)}, got '{cfg.modality}'")
-    if cfg.backend not in ("local", "openai"):
-        raise ValueError(f"--backend must be local or openai, got '{cfg.backend}'")
-    if cfg.backend == "openai" and not cfg.base_url:
-        raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    if cfg.backend not in backends.names():
+        raise ValueError(f"--backend must be one of {', '.join(backends.names())}, got '{cfg.backend}'")
     if cfg.modality == "auto":  # a served model may have no config here: text unless told
         cfg.modality = modality_of(cfg.model, cfg.trust_remote_code) if cfg.backend == "local" else "text"
     spec = cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0]
@@ -167,7 +166,8 @@ def dedupe(records: list[dict]) -> list[dict]:
 
 
 def decoding_for(cfg: PredictConfig, model, inputs) -> Decoding:
-    """The protocol's decoding: the official script's (per model kind / family) or greedy (clean)."""
+    """The protocol's decoding: the official script's (per model kind / family) or greedy (clean). `model` gives
+    the checkpoint's generation_config, `inputs` the modality, kind and family (a backend gives all of them)."""
     if cfg.protocol == "official":
         if inputs.modality == "video":  # the official MLLM infer.py: the checkpoint's generation config
             decoding = official_decoding("qwen", model.generation_config)
@@ -220,53 +220,34 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
                    (distributed.CLIP_WEIGHT if cfg.modality == "video" else 0) for e, _ in todo]
         todo = [todo[i] for i in distributed.shard(weights, ranks.world)[ranks.rank]]
 
-    import torch
-
-    from . import engine
-    from .inputs import make_inputs
-    from .models import device_of, family_of, load_model, read_config as model_config
-
     if cfg.threads:
+        import torch
+
         torch.set_num_threads(cfg.threads)
     video = cfg.modality == "video"
-    setting = None
-    if video:
-        family = family_of(model_config(cfg.model, cfg.trust_remote_code)) if cfg.backend == "local" else {}
-        setting = video_mod.frame_setting(cfg.frames or family.get("frames", "official-infer"),
-                                          num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
-    model = inputs = decoding = server = None
-    runner = engine
-    startup_done()  # the imports are done (load_model does it too; an OpenAI-backend run loads no model)
+    backend = decoding = None
+    startup_done()  # the imports are done (load_model does it too; a server backend loads no model)
     t_load = time.perf_counter()
-    if todo and cfg.backend == "openai":  # the same prompts and decoding, sent to a server
-        from .openai_backend import ApiInputs, Runner, prepare
-
-        server, tok, kind, decoding = prepare(cfg)
-        decoding.max_new_tokens = cfg.max_new_tokens or decoding.max_new_tokens
-        inputs, runner = ApiInputs(tok, kind, cfg.modality, setting), Runner(server)
-        server.video_input = inputs.video_input if video else None
-    elif todo:
-        model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
-                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality,
-                                **_placement(cfg, out, ranks))
-        inputs = make_inputs(model, tok, setting)
-        setting = getattr(inputs, "setting", setting)
-        decoding = decoding_for(cfg, model, inputs)
+    if todo:
+        backend = backends.create(cfg.backend, _options(cfg, out, ranks))
+        decoding = decoding_for(cfg, backend, backend)
         if cfg.num_samples > 1 and not decoding.do_sample:
             raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
     t_load = time.perf_counter() - t_load
+    # the frames this run directory's rows were made with: the backend's, or (nothing left to do) the last run's
+    frames = (backend.setting.record() if backend is not None and backend.setting is not None else
+              None if backend is not None or not video else
+              (read_config(out / "config.yaml") if (out / "config.yaml").exists() else {}).get("frame_setting"))
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     if ranks.main:
-        write_config(out / "config.yaml", {**dataclasses.asdict(cfg),
-                                           **({"frame_setting": setting.record()} if setting else {})})
-    env = {**environment(str(device_of(model)) if model is not None else None),
-           **({"hf_device_map": _device_map(model)} if cfg.device_map else {}),
+        write_config(out / "config.yaml", {**dataclasses.asdict(cfg), **({"frame_setting": frames} if frames else {})})
+    env = {**environment(None), **({"hf_device_map": None} if cfg.device_map else {}),
            "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped}
+    if backend is not None:
+        env.update(backend.describe())
     if video:
-        env.update(frame_setting=setting.record(), frame_cache=str(cache.root) if cache.enabled else None)
-    if server is not None:  # the server's model id and fingerprint come with its first answer: written again below
-        env["server"] = server.info()
+        env.update(frame_setting=frames, frame_cache=str(cache.root) if cache.enabled else None)
     if ranks.main:
         write_json(out / "env.json", env)
 
@@ -276,11 +257,11 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         sink = (JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
                 if ranks.world == 1 else JsonlAppender(distributed.part_path(out, ranks.rank)))
         try:
-            stats = _run(cfg, model, inputs, decoding, cache, todo, sink, progress, runner)
+            stats = _run(cfg, backend, decoding, cache, todo, sink, progress)
         finally:
             sink.close()
-            if server is not None and ranks.main:
-                env["server"] = server.info()
+            if ranks.main:  # what the backend learnt while running (a server's model id and fingerprint)
+                env.update(backend.describe())
                 write_json(out / "env.json", env)
 
     # ---- save
@@ -313,11 +294,24 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     return result
 
 
-def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict:
-    """load_model's placement arguments: one device, or --device-map auto over this rank's GPUs, then CPU, then
-    an offload folder in the run directory."""
+def _frames(cfg: PredictConfig) -> dict:
+    return {"name": cfg.frames, "num_frames": cfg.num_frames, "fps": cfg.fps, "max_pixels": cfg.max_pixels}
+
+
+def _options(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> backends.Options:
+    """What a backend is built from: plain values."""
+    return backends.Options(model=cfg.model, modality=cfg.modality,
+                            frames=_frames(cfg) if cfg.modality == "video" else None, adapter=cfg.adapter,
+                            dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                            placement=_placement(cfg, out, ranks), base_url=cfg.base_url,
+                            api_key_env=cfg.api_key_env, concurrency=cfg.concurrency)
+
+
+def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict | None:
+    """load_model's placement arguments: one device (None), or --device-map auto over this rank's GPUs, then CPU,
+    then an offload folder in the run directory."""
     if cfg.device_map is None:
-        return {}
+        return None
     import torch
 
     from .models import parse_max_memory
@@ -332,22 +326,13 @@ def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict:
             "offload_folder": str(out / "offload" / f"rank{ranks.rank}")}
 
 
-def _device_map(model) -> dict | None:
-    """Where accelerate put each module (GPU index, cpu or disk), for env.json."""
-    placed = getattr(model, "hf_device_map", None) if model is not None else None
-    return {k: str(v) for k, v in placed.items()} if placed else None
-
-
-def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool, runner=None) -> dict:
+def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppender, progress: bool) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
     batches, so only their frames are in memory."""
     from tqdm.auto import tqdm
 
-    from . import engine
-
-    runner = runner or engine  # mmla.engine, or a server backend with the same two calls
-    video = inputs.modality == "video"
+    video = backend.modality == "video"
     finder = video_mod.ClipFinder(cfg.data) if video else None
     root = Path(cfg.data)
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)
@@ -356,7 +341,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
     def prepare(chunk: list[int]) -> dict:
         t0 = time.perf_counter()
         ex = [todo[i][0] for i in chunk]
-        prompts = [render(e.dataset, cfg.family, e.text, cfg.split, inputs.modality) for e in ex]
+        prompts = [render(e.dataset, cfg.family, e.text, cfg.split, backend.modality) for e in ex]
         clips, frames, errors = [None] * len(ex), [None] * len(ex), [None] * len(ex)
         if video:
             for j, e in enumerate(ex):
@@ -365,17 +350,14 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
                     errors[j] = clips[j].error
                     continue
                 try:
-                    frames[j] = video_mod.load_frames(clips[j].path, inputs.setting, cache)
+                    frames[j] = video_mod.load_frames(clips[j].path, backend.setting, cache)
                 except video_mod.ClipError as err:
                     errors[j] = str(err)
         ok = [j for j in range(len(ex)) if errors[j] is None]
-        texts = inputs.chat([prompts[j] for j in ok], cfg.protocol)
         fr = [frames[j] for j in ok] if video else None
-        if cfg.mode == "score":
-            cands = [candidates(ex[j].dataset, cfg.family, cfg.split, inputs.modality) for j in ok]
-            rows = inputs.score_rows(texts, cands, fr)
-        else:
-            cands, rows = None, inputs.encode(texts, fr)
+        cands = ([candidates(ex[j].dataset, cfg.family, cfg.split, backend.modality) for j in ok]
+                 if cfg.mode == "score" else None)
+        rows = backend.prepare([prompts[j] for j in ok], cfg.protocol, fr, cands)
         timing["seconds_prepare"] += time.perf_counter() - t0
         return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands)
 
@@ -413,13 +395,15 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
                         record(p, j, "")
                 ok = p["ok"]
                 t0 = time.perf_counter()
-                if cfg.mode == "generate":
-                    runner.generate(model, inputs, p["rows"], decoding=decoding, batch_size=cfg.batch_size,
-                                    seeds=[seeds[p["chunk"][j]] for j in ok],
-                                    on_result=lambda r, text: record(p, ok[r], text))
-                else:  # the chosen answer string, e.g. "emotion: joy"
-                    runner.score(model, inputs, p["rows"], batch_size=cfg.batch_size,
-                                 on_result=lambda r, s: record(p, ok[r], p["cands"][r][s.best]))
+                if cfg.mode == "score":  # the chosen answer string, e.g. "emotion: joy"
+                    backend.score(p["rows"], batch_size=cfg.batch_size,
+                                  on_result=lambda r, s: record(p, ok[r], p["cands"][r][s.best]))
+                elif decoding.do_sample:  # each row draws from its own generator (mmla.inference.row_seed)
+                    backend.sample(p["rows"], decoding=decoding, seeds=[seeds[p["chunk"][j]] for j in ok],
+                                   batch_size=cfg.batch_size, on_result=lambda r, text: record(p, ok[r], text))
+                else:
+                    backend.generate(p["rows"], decoding=decoding, batch_size=cfg.batch_size,
+                                     on_result=lambda r, text: record(p, ok[r], text))
                 timing["seconds_model"] += time.perf_counter() - t0
     finally:
         bar.close()

@@ -18,9 +18,11 @@ import os
 import re
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from types import SimpleNamespace
+from typing import Any, Callable
 
-from .prompts import Decoding, chat_messages, model_kind, official_decoding
+from ..prompts import Decoding, chat_messages, model_kind
+from . import Options, Scored, frame_setting_for
 
 VIDEO_INPUTS = ("frames-jpeg", "frames-png", "video_url")
 NO_KEY = "EMPTY"  # local servers want no key, but the client insists on one (vLLM's convention)
@@ -28,11 +30,6 @@ NO_KEY = "EMPTY"  # local servers want no key, but the client insists on one (vL
 
 class OpenAIBackendError(ValueError):
     """One line: the server's URL and what went wrong."""
-
-
-class Scored(NamedTuple):  # the same fields as mmla.engine.Scored
-    best: int
-    scores: list[float]
 
 
 def _first_line(text: Any, limit: int = 200) -> str:
@@ -51,26 +48,84 @@ def api_key(env: str | None) -> str:
 
 
 class OpenAIBackend:
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = None, concurrency: int = 8,
-                 max_retries: int = 5, timeout: float = 600.0):
+    """The backend for an OpenAI-compatible server: prompts become chat messages (the protocol's system turn + the
+    user turn), a video row's frames become image parts; one request per row, `concurrency` in flight, each answer
+    reported as it finishes. Score mode tokenises prompt + candidate here (it needs the model's tokenizer) and
+    ranks from the prompt log-probabilities of the completions endpoint."""
+
+    def __init__(self, options: Options, max_retries: int = 5, timeout: float = 600.0,
+                 video_input: str = "frames-jpeg"):
         import openai
 
+        base_url, concurrency = options.base_url, options.concurrency
+        if not base_url:
+            raise OpenAIBackendError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
         if not re.match(r"^https?://", base_url or ""):
             raise OpenAIBackendError(f"--base-url must be an http(s) URL such as http://127.0.0.1:8000/v1, "
                                      f"got {base_url!r}")
         if int(concurrency) < 1:
             raise OpenAIBackendError(f"--concurrency must be a positive integer, got {concurrency}")
+        if video_input not in VIDEO_INPUTS[:2]:  # the predict loop sends the run's frames
+            raise OpenAIBackendError(f"video input must be frames-jpeg or frames-png, got '{video_input}'")
         self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.api_key_env = api_key_env
+        self.model = options.model
+        self.api_key_env = options.api_key_env
         self.concurrency = int(concurrency)
         self.max_retries = int(max_retries)
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key(api_key_env), max_retries=max_retries,
-                                    timeout=timeout)
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key(options.api_key_env),
+                                    max_retries=max_retries, timeout=timeout)
         self.served: list[str] | None = None
         self.server_model: str | None = None
         self.system_fingerprint: str | None = None
-        self.video_input: str | None = None
+        self.check()
+        self.tokenizer = local_tokenizer(self.model)
+        self.kind = model_kind(self.tokenizer) if self.tokenizer is not None else kind_from_name(self.model)
+        self.generation_config = generation_config(self.model, self.kind)
+        self.modality = options.modality
+        self.family: dict = {}  # a served model's family is not known here: the official frame setting
+        self.setting = frame_setting_for(self.family, options.frames) if self.modality == "video" else None
+        self.video_input = video_input if self.modality == "video" else None
+
+    # ---------------------------------------------------------------- the predict loop's calls
+
+    def prepare(self, prompts, protocol, frames=None, candidates=None):
+        messages = [chat_messages(p, protocol, self.kind) for p in prompts]
+        if candidates is not None:
+            if self.modality == "video":
+                raise OpenAIBackendError("--mode score with video is not offered over the API (servers return no "
+                                         "prompt log-probabilities of image parts)")
+            if self.tokenizer is None:
+                raise OpenAIBackendError("--mode score over the API needs the model's tokenizer here (chat template "
+                                         "and token ids): pass --model as a local directory")
+            texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                     for m in messages]
+            return list(zip(texts, candidates))
+        if self.modality != "video":
+            return messages
+        return [video_messages(m, frames=f, video_input=self.video_input) for m, f in zip(messages, frames)]
+
+    def generate(self, rows, *, decoding, batch_size, on_result) -> None:
+        self.sample(rows, decoding=decoding, seeds=None, batch_size=batch_size, on_result=on_result)
+
+    def sample(self, rows, *, decoding, seeds, batch_size, on_result) -> None:
+        params = request_params(decoding, 0)
+
+        def job(k: int, msgs: list[dict]) -> Callable[[], str]:
+            def call() -> str:
+                seed = int(seeds[k]) % (2 ** 31) if seeds is not None else 0  # the row's own seed
+                r = self.client.chat.completions.create(model=self.model, messages=msgs, **{**params, "seed": seed})
+                self._note(r)
+                return r.choices[0].message.content or ""
+            return call
+
+        self._map([job(k, m) for k, m in enumerate(rows)], on_result)
+
+    def score(self, rows, *, batch_size, on_result) -> None:
+        self._score([t for t, _ in rows], [c for _, c in rows], on_result, tokenizer=self.tokenizer)
+
+    def describe(self) -> dict:
+        """env.json: no local device; the server, whose model id and fingerprint come with its first answer."""
+        return {"device": None, "server": self.info()}
 
     # ---------------------------------------------------------------- errors
 
@@ -153,22 +208,8 @@ class OpenAIBackend:
         if self.system_fingerprint is None:
             self.system_fingerprint = getattr(response, "system_fingerprint", None) or None
 
-    def generate(self, messages: list[list[dict]], decoding: Decoding, seed: int,
-                 on_result: Callable[[int, str], None]) -> None:
-        """One chat completion per message list; on_result(index, text) as each finishes."""
-        params = request_params(decoding, seed)
-
-        def job(msgs: list[dict]) -> Callable[[], str]:
-            def call() -> str:
-                r = self.client.chat.completions.create(model=self.model, messages=msgs, **params)
-                self._note(r)
-                return r.choices[0].message.content or ""
-            return call
-
-        self._map([job(m) for m in messages], on_result)
-
-    def score(self, prompts: list[str], candidates: list[list[str]], on_result: Callable[[int, Scored], None],
-              *, tokenizer) -> None:
+    def _score(self, prompts: list[str], candidates: list[list[str]], on_result: Callable[[int, Scored], None],
+               *, tokenizer) -> None:
         """Rank candidates as mmla.engine.score does, from the prompt log-probabilities of the completions endpoint
         (echo, logprobs, one token): prompt + candidate is tokenized here, jointly, and sent as token ids; a
         candidate's score is the sum of its tokens' log-probabilities after the token prefix all candidates share."""
@@ -262,30 +303,15 @@ def kind_from_name(model: str) -> str:
     return "other"
 
 
-def api_decoding(protocol: str, kind: str, model: str) -> Decoding:
-    """The decoding the local path would use. Official Qwen2 inherits the checkpoint's generation config: read
-    it when the model is here, else sample with the server's defaults (vLLM uses the same config)."""
-    if protocol != "official":
-        return Decoding()
-    gen = None
+def generation_config(model: str, kind: str):
+    """The checkpoint's generation config when the model is here (official Qwen2 decoding inherits it); else, for
+    Qwen, "sample with the server's defaults" (vLLM reads the same config), else None."""
     try:
         from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_pretrained(model, local_files_only=True)
+        return GenerationConfig.from_pretrained(model, local_files_only=True)
     except Exception:  # noqa: BLE001 - a remote model: no generation config here
-        pass
-    if gen is None and kind == "qwen":
-        return Decoding(do_sample=True, max_new_tokens=1024)
-    return official_decoding(kind, gen)
-
-
-def prepare(cfg) -> tuple[OpenAIBackend, Any, str, Decoding]:
-    """The backend (server checked), the tokenizer if the model is here, the protocol's model kind, the decoding."""
-    backend = OpenAIBackend(cfg.base_url, cfg.model, cfg.api_key_env, cfg.concurrency)
-    backend.check()
-    tok = local_tokenizer(cfg.model)
-    kind = model_kind(tok) if tok is not None else kind_from_name(cfg.model)
-    return backend, tok, kind, api_decoding(cfg.protocol, kind, cfg.model)
+        return SimpleNamespace(do_sample=True) if kind == "qwen" else None
 
 
 # ---------------------------------------------------------------- video
@@ -318,62 +344,3 @@ def video_messages(messages: list[dict], *, frames=None, clip: str | os.PathLike
     user = out[-1]
     user["content"] = media + [{"type": "text", "text": user["content"]}]
     return out
-
-
-# ---------------------------------------------------------------- the predict loop's side
-# The predict loop (mmla.inference) calls a backend as it calls mmla.engine: `generate(model, inputs, rows, ...)`
-# and `score(model, inputs, rows, ...)` on rows that the backend's `inputs` built. It never knows which it calls.
-
-
-class ApiInputs:
-    """The modality seam for a server: prompts become chat messages (the protocol's system turn + the user turn),
-    clips become image parts (or a `video_url` part); candidates are tokenised here for score mode."""
-
-    def __init__(self, tok, kind: str, modality: str, setting=None, video_input: str = "frames-jpeg"):
-        if video_input not in VIDEO_INPUTS[:2]:  # the predict loop sends the run's frames
-            raise OpenAIBackendError(f"video input must be frames-jpeg or frames-png, got '{video_input}'")
-        self.tokenizer, self.kind, self.modality, self.setting = tok, kind, modality, setting
-        self.video_input = video_input
-
-    def chat(self, prompts: list[str], protocol: str, training: bool = False) -> list[list[dict]]:
-        return [chat_messages(p, protocol, self.kind, training=training) for p in prompts]
-
-    def encode(self, messages: list[list[dict]], clips: list | None = None) -> list[list[dict]]:
-        if self.modality != "video":
-            return messages
-        return [video_messages(m, frames=f, video_input=self.video_input) for m, f in zip(messages, clips)]
-
-    def score_rows(self, messages: list[list[dict]], candidates: list[list[str]], clips: list | None = None):
-        if self.modality == "video":
-            raise OpenAIBackendError("--mode score with video is not offered over the API (servers return no "
-                                     "prompt log-probabilities of image parts)")
-        if self.tokenizer is None:
-            raise OpenAIBackendError("--mode score over the API needs the model's tokenizer here (chat template and "
-                                     "token ids): pass --model as a local directory")
-        texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-        return list(zip(texts, candidates))
-
-
-class Runner:
-    """What the predict loop calls in place of mmla.engine: the engine's `generate` and `score` signatures, one
-    request per row, N in flight, each result reported as it finishes."""
-
-    def __init__(self, backend: OpenAIBackend):
-        self.backend = backend
-
-    def generate(self, model, inputs, rows, *, decoding, batch_size=None, seeds=None, on_result=None):
-        b, params = self.backend, request_params(decoding, 0)
-
-        def job(k: int, msgs: list[dict]) -> Callable[[], str]:
-            def call() -> str:
-                seed = int(seeds[k]) % (2 ** 31) if seeds is not None else 0  # the row's own seed
-                r = b.client.chat.completions.create(model=b.model, messages=msgs, **{**params, "seed": seed})
-                b._note(r)
-                return r.choices[0].message.content or ""
-            return call
-
-        b._map([job(k, m) for k, m in enumerate(rows)], on_result or (lambda i, t: None))
-
-    def score(self, model, inputs, rows, *, batch_size=None, on_result=None):
-        self.backend.score([t for t, _ in rows], [c for _, c in rows], on_result or (lambda i, s: None),
-                           tokenizer=inputs.tokenizer)

@@ -1,0 +1,97 @@
+"""Inference backends: what the predict loop (mmla.inference) runs its prompts on, behind one interface.
+
+A backend is built from plain values (`Options`), turns the protocol's prompts (and a video row's frames) into
+whatever it runs (`prepare`), answers them (`generate` greedy, `sample` with a per-row seed, `score` candidate
+continuations), reporting each finished row at once, and says what it is for env.json (`describe`). The loop
+never asks which backend it holds.
+
+The registry maps a `--backend` name to "module:factory"; a module is imported only when its backend is chosen,
+so a backend's own dependencies (openai, vllm, ...) are needed only by the runs that use it. Adding a backend is
+one file in this package and one line in BACKENDS (or `register(name, factory)` from outside the package).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
+
+
+class Scored(NamedTuple):
+    best: int  # index of the highest-scoring candidate
+    scores: list[float]  # per candidate: summed log-probability of its tokens after the shared prefix
+
+
+@dataclass
+class Options:
+    """Everything a backend is built from: plain values, no run config."""
+
+    model: str
+    modality: str = "text"  # text | video (resolved before the backend is built)
+    frames: dict | None = None  # video: the frame setting asked for: name (None: the model family's) + overrides
+    adapter: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    placement: dict | None = None  # load_model's device_map / max_memory / offload_folder
+    base_url: str | None = None  # a server's /v1 URL
+    api_key_env: str | None = None  # the NAME of the environment variable holding the key
+    concurrency: int = 8  # requests in flight
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the predict loop calls. Rows are whatever `prepare` returned; `on_result(i, value)` gets row i's
+    answer (a string, or a Scored) as soon as it is done, in any order."""
+
+    modality: str  # "text" or "video": what `prepare` takes
+    setting: Any  # video: the frame setting its rows use (None for text)
+    kind: str  # the protocol's model kind (mmla.prompts.model_kind): qwen | llama3 | other
+    family: dict  # the model family's protocol facts (mmla.models.family_of); {} when unknown
+    generation_config: Any  # the checkpoint's generation config, or None
+
+    def prepare(self, prompts: list[str], protocol: str, frames: list | None = None,
+                candidates: list[list[str]] | None = None) -> list: ...
+
+    def generate(self, rows: list, *, decoding, batch_size: int, on_result: Callable[[int, str], None]) -> None: ...
+
+    def sample(self, rows: list, *, decoding, seeds: list[int], batch_size: int,
+               on_result: Callable[[int, str], None]) -> None: ...
+
+    def score(self, rows: list, *, batch_size: int, on_result: Callable[[int, Scored], None]) -> None: ...
+
+    def describe(self) -> dict: ...
+
+
+BACKENDS: dict[str, str | Callable[[Options], Backend]] = {
+    "local": "mmla.backends.local:LocalBackend",  # the model in this process (mmla.engine)
+    "openai": "mmla.backends.openai:OpenAIBackend",  # any OpenAI-compatible server (vLLM, SGLang, a hosted API)
+}
+
+
+def frame_setting_for(family: dict, frames: dict | None):
+    """The run's frame setting: the one asked for, else the model family's official one, with the overrides."""
+    from ..video import frame_setting
+
+    frames = dict(frames or {})
+    name = frames.pop("name", None) or family.get("frames", "official-infer")
+    return frame_setting(name, **frames)
+
+
+def register(name: str, factory: Callable[[Options], Backend] | str) -> None:
+    """Make `--backend NAME` build its backend with factory(options) (or "module:callable")."""
+    BACKENDS[name] = factory
+
+
+def names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def create(name: str, options: Options) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{name}'")
+    factory = BACKENDS[name]
+    if isinstance(factory, str):
+        module, attr = factory.split(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return factory(options)
