@@ -74,7 +74,7 @@ def test_experiment_stages_table_and_resume(config, tmp_path, capfd):
     assert (out / "it-train" / "adapter" / "adapter_model.safetensors").stat().st_mtime == mtime
 
     # a changed config is not mixed into finished stages
-    with pytest.raises(ValueError, match="ran with another config"):
+    with pytest.raises(ValueError, match="stage.done: this run directory was made with predict="):
         run_experiment(load_experiment(str(config), ["predict.limit=5"]), progress=False)
 
 

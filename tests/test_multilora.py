@@ -3,6 +3,7 @@ Qwen2-VL with per-dataset paper presets); SIGKILL + resume through `mmla train -
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mmla import multilora, training
-from mmla.runs import read_config
+from mmla.runs import read_run_config
 from mmla.training import make_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,8 +253,9 @@ def test_sigkill_then_resume_ends_with_the_same_adapters(runs, initial, tiny_lla
 def test_run_directory_refuses_another_dataset_set_or_preset(runs, tiny_llama, small_root):
     out, _ = runs
     con = out / "concurrent"
-    for extra, message in (({"datasets": "MUStARD,MOSI"}, "trains datasets MUStARD,MOSI,MELD, not MUStARD,MOSI"),
-                           ({"preset": "fast"}, "trains preset paper, not fast")):
+    for extra, message in (({"datasets": "MUStARD,MOSI"}, re.escape("this run directory was made with datasets="
+                                                                    "['MUStARD', 'MOSI', 'MELD'], not ['MUStARD', 'MOSI']")),
+                           ({"preset": "fast"}, "this run directory was made with preset='paper', not 'fast'")):
         with pytest.raises(ValueError, match=message) as e:
             multilora.train(make_config(_values(tiny_llama, small_root, con, concurrent=True, **extra)), progress=False)
         assert "\n" not in str(e.value)
@@ -347,7 +349,7 @@ def test_video_adapters_equal_separate_runs(videos_dir, tmp_path):
               for log in (a, b)]
         assert [r["step"] for r in ev[0]] == ([2] if ds == "MELD" else [2, 4]) and ev[1] == ev[0]
         assert json.loads((con / "best.json").read_text()) == json.loads((sep / "best.json").read_text())
-        run_cfg, sep_cfg = ({k: v for k, v in read_config(d / "config.yaml").items() if k not in ("out", "concurrent")}
+        run_cfg, sep_cfg = ({k: v for k, v in read_run_config(d / "config.yaml").items() if k not in ("out", "concurrent")}
                             for d in (con, sep))
         assert run_cfg == sep_cfg  # the paper table's row of its dataset, the frame setting too
         assert (run_cfg["learning_rate"], run_cfg["warmup_ratio"], run_cfg["per_device_batch_size"],

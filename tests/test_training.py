@@ -15,7 +15,7 @@ import pytest
 
 from mmla import trainer, training
 from mmla.config import parse_overrides, read_yaml
-from mmla.runs import read_config
+from mmla.runs import read_run_config
 from mmla.trainer import IGNORE, Collator, answer_positions
 from mmla.training import make_config
 
@@ -197,7 +197,7 @@ def test_train_writes_adapter_logs_and_records(trained):
     assert best["metric"] == "eval_gen_accuracy"
     assert best["value"] == max(r["eval_gen_accuracy"] for r in evals)
     assert result["MUStARD"]["best"]["step"] == best["step"]
-    cfg = read_config(out / "config.yaml")
+    cfg = read_run_config(out / "config.yaml")
     assert cfg["preset"] == "fast" and cfg["datasets"] == ["MUStARD"] and cfg["learning_rate"] == 3e-3
     env = json.loads((out / "env.json").read_text())
     assert env["train_rows"] == 32 and env["dev_rows"] == 8 and env["packages"]["peft"]
@@ -449,7 +449,7 @@ def test_video_sft_trains_language_lora_only_then_predicts(tiny_vl, video_root, 
     env_rec = json.loads((out / "env.json").read_text())
     assert env_rec["frame_setting"]["name"] == "official-train" and env_rec["train_rows"] == 4
     assert env_rec["train_missing_clips"] == 1 and env_rec["dev_rows"] == 2
-    run_cfg = read_config(out / "config.yaml")
+    run_cfg = read_run_config(out / "config.yaml")
     assert run_cfg["modality"] == "video" and run_cfg["frame_setting"]["name"] == "official-train"
     assert run_cfg["learning_rate"] == 5e-3 and run_cfg["lora_rank"] == 8  # paper table, except the keys given
 

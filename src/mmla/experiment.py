@@ -35,7 +35,7 @@ from . import data as data_mod
 from . import distributed, multilora
 from .config import build, coerce, parse_overrides, read_yaml
 from .inference import PredictConfig, dedupe, predict
-from .runs import claim, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, write_text
+from .runs import claim, open_run, read_run_config, read_json, read_jsonl, write_config, write_json, write_jsonl, write_text
 from .tasks import VIDEO_DATASETS, parse_datasets
 from .training import TrainConfig, make_config, model_info, train
 
@@ -111,13 +111,8 @@ class Stage:
         self.marker = directory / "stage.done"
 
     def done(self) -> dict | None:
-        if not self.marker.exists():
-            return None
-        rec = read_json(self.marker)
-        if rec.get("config") != self.config:
-            raise ValueError(f"{self.marker}: this stage ran with another config; use another out "
-                             f"(or delete {self.dir})")
-        return rec
+        open_run(self.dir, self.config, self.marker.name, "config")
+        return read_json(self.marker) if self.marker.exists() else None
 
     def finish(self, summary: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +205,7 @@ def run_sft(cfg: ExperimentConfig, progress: bool) -> dict:
         _say(f"sft {i}/{len(have)}: {ds}: test -> {pdir}")
         _predict(cfg, pdir, "sft", [ds], progress, adapter=str(tdir / "adapter"))
         parts[ds], train_dirs[ds], adapters[ds] = pdir, tdir, str(tdir / "adapter")
-    config = {**read_config(parts[have[0]] / "config.yaml"), "datasets": have, "adapter": adapters, "setting": "sft", "name": f"{cfg.name} sft",
+    config = {**read_run_config(parts[have[0]] / "config.yaml"), "datasets": have, "adapter": adapters, "setting": "sft", "name": f"{cfg.name} sft",
               "out": str(out / "sft"), "no_train_split": missing}
     result = _on_main(_combine, out / "sft", parts, train_dirs, config)
     result["no_train_split"] = missing

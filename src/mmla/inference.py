@@ -28,7 +28,7 @@ from . import distributed
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
-from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, read_config, read_jsonl, startup_done, \
+from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, open_run, read_run_config, read_jsonl, startup_done, \
     write_config, write_json
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
@@ -139,23 +139,6 @@ def load_examples(cfg: PredictConfig) -> tuple[list[data_mod.Example], list[str]
     return examples, skipped
 
 
-def _open_run_dir(cfg: PredictConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: --out names an existing file, not a run directory")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config.yaml"
-    if cfg_path.exists():
-        old = read_config(cfg_path)
-        for key in _IDENTITY:
-            if key in old and old[key] != getattr(cfg, key):
-                raise ValueError(
-                    f"{cfg_path}: this run directory was made with {key}={old[key]!r}, not {getattr(cfg, key)!r}; "
-                    f"use another --out"
-                )
-    return out
-
-
 def key(r: dict) -> tuple:
     return r["dataset"], r["split"], r["id"], r.get("sample", 0)
 
@@ -196,7 +179,7 @@ def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod
 
 
 def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache, t_start: float) -> dict:
-    out = _open_run_dir(cfg)
+    out = open_run(Path(cfg.out), {k: getattr(cfg, k) for k in _IDENTITY})
     # data-parallel (torchrun / accelerate launch): rank 0 first folds the parts a killed run left into
     # predictions.jsonl; then every rank reads the same snapshot and takes its share of what is left
     ranks = distributed.start()
@@ -238,7 +221,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     # the frames this run directory's rows were made with: the backend's, or (nothing left to do) the last run's
     frames = (backend.setting.record() if backend is not None and backend.setting is not None else
               None if backend is not None or not video else
-              (read_config(out / "config.yaml") if (out / "config.yaml").exists() else {}).get("frame_setting"))
+              (read_run_config(out / "config.yaml") if (out / "config.yaml").exists() else {}).get("frame_setting"))
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     if ranks.main:
         write_config(out / "config.yaml", {**dataclasses.asdict(cfg), **({"frame_setting": frames} if frames else {})})

@@ -48,7 +48,7 @@ from pathlib import Path
 from . import data as data_mod
 from . import training
 from . import video as video_mod
-from .runs import claim, environment, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
+from .runs import claim, environment, open_run, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
 from .trainer import IGNORE, Collator, DevEval, answer_positions, prepare_base, replace_dir, say
 from .training import TrainConfig, _check_identity, _record, build_split, frame_setting, validate, with_preset
 
@@ -297,17 +297,10 @@ def load_checkpoint(out: Path, model, adapters: list[Adapter]) -> int:
 
 
 def _check_run_dir(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
-    path = out / "concurrent.json"
     want = {"datasets": datasets, "preset": cfg.preset}
-    if path.exists():
-        have = read_json(path)
-        for key, value in want.items():
-            if have.get(key) != value:
-                show = lambda v: ",".join(v) if isinstance(v, list) else v  # noqa: E731
-                raise ValueError(f"{path}: this run directory trains {key} {show(have.get(key))}, not {show(value)}; "
-                                 f"use another --out")
-    else:
-        write_json(path, want)
+    open_run(out, want, "concurrent.json")
+    if not (out / "concurrent.json").exists():
+        write_json(out / "concurrent.json", want)
 
 
 # ---------------------------------------------------------------- training

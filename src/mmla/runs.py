@@ -151,7 +151,8 @@ def read_json(path: Path):
         raise ValueError(f"{path}: not valid JSON ({e}); delete it to redo that step") from None
 
 
-def read_config(path: Path) -> dict:
+def read_run_config(path: Path) -> dict:
+    """A run directory's config.yaml (or another YAML mapping this toolkit wrote)."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -159,6 +160,26 @@ def read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys")
     return data
+
+
+def open_run(out: Path, identity: dict, record: str = "config.yaml", section: str | None = None) -> Path:
+    """The run directory `out`, made if need be, after checking that what it already holds was made under the
+    same identity: the settings that change its results. The identity a run recorded is read from <out>/<record>
+    (YAML or JSON; `section`: the mapping under that key); a setting that differs, or that the record lacks while
+    this run sets it, refuses the directory with one line. Every command that writes a run directory calls this."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: --out names an existing file, not a run directory")
+    path = out / record
+    if path.exists():
+        old = read_json(path) if path.suffix == ".json" else read_run_config(path)
+        old = (old.get(section) or {}) if section else old
+        for key, value in identity.items():
+            if old.get(key) != value and (key in old or value is not None):
+                raise ValueError(f"{path}: this run directory was made with {key}={old.get(key)!r}, not {value!r}; "
+                                 f"use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 PREDICTION_KEYS = ("dataset", "split", "id", "label", "output")  # what a predictions.jsonl record must hold

@@ -52,7 +52,7 @@ from . import data as data_mod
 from . import video as video_mod
 from .config import coerce
 from .prompts import PROTOCOLS, render, target
-from .runs import claim, environment, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, \
+from .runs import claim, environment, open_run, read_json, read_jsonl, write_config, write_json, write_jsonl, \
     writing
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 from .trainer import Collator, DevEval, Run, VideoItems, is_main, last_checkpoint, \
@@ -405,14 +405,8 @@ def _record(cfg: TrainConfig, datasets: list[str]) -> dict:
 
 
 def _check_identity(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
-    path = out / "config.yaml"
-    if not path.exists():
-        return
-    old, new = read_config(path), _record(cfg, datasets)
-    for key in _IDENTITY:
-        if old.get(key) != new[key] and (key in old or new[key] is not None):
-            raise ValueError(f"{path}: this run directory was made with {key}={old.get(key)!r}, not {new[key]!r}; "
-                             f"use another --out")
+    new = _record(cfg, datasets)
+    open_run(out, {key: new[key] for key in _IDENTITY})
 
 
 def load_for_training(cfg: TrainConfig, model=None):
