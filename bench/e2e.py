@@ -39,7 +39,8 @@ from results import emit  # noqa: E402  (bench/results.py)
 from mmla import engine  # noqa: E402
 from mmla.data import load_split  # noqa: E402
 from mmla.inputs import TextInputs  # noqa: E402
-from mmla.models import load_model, load_tokenizer, pick_device, pick_dtype, real_size_config, resolve  # noqa: E402
+from mmla.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve  # noqa: E402
+from mmla.tiny import real_size_config  # noqa: E402
 from mmla.prompts import render  # noqa: E402
 from mmla.tasks import DATASETS as ALL  # noqa: E402
 

@@ -43,7 +43,8 @@ def _model(args):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mmla.models import load_model, load_tokenizer, real_size_config, resolve
+    from mmla.models import load_model, load_tokenizer, resolve
+    from mmla.tiny import real_size_config
 
     if not args.random_init:
         return load_model(args.model, dtype="bfloat16" if args.load_bf16 else "float32", device="cpu")

@@ -34,14 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from results import emit  # noqa: E402  (bench/results.py)
-from mmla.backends.local import LocalBackend  # noqa: E402
 from mmla import inference, tiny  # noqa: E402
+from mmla.backends.local import LocalBackend  # noqa: E402
 from mmla import video as V  # noqa: E402
 from mmla.evaluation import parse_output  # noqa: E402
 from mmla.inputs import make_inputs  # noqa: E402
-from mmla.models import load_model, pick_device, pick_dtype, real_size_video_config  # noqa: E402
+from mmla.models import load_model, pick_device, pick_dtype  # noqa: E402
 from mmla.prompts import Decoding, render  # noqa: E402
 from mmla.tasks import get_task  # noqa: E402
+from mmla.tiny import real_size_video_config  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLIPS = ("llava_next_demo_xU25MMA2N4aVtYay.mp4", "videollama2_sample_demo_3.mp4", "videollama2_sample_demo_9.mp4")

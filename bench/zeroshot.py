@@ -39,7 +39,8 @@ from mmla import engine  # noqa: E402
 from mmla.evaluation import parse_output  # noqa: E402
 from mmla.prompts import candidates, chat_text, render  # noqa: E402
 from mmla.tasks import get_task  # noqa: E402
-from mmla.models import load_model, load_tokenizer, pick_device, pick_dtype, real_size_config, resolve  # noqa: E402
+from mmla.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve  # noqa: E402
+from mmla.tiny import real_size_config  # noqa: E402
 
 DATA = os.environ.get("MMLA_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mmla")
 DATASETS = "MELD,IEMOCAP,MOSI,Ch-sims,UR-FUNNY,MUStARD,AnnoMi-client,MELD-DA"

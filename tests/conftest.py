@@ -36,6 +36,6 @@ def videos_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random-init Llama with SmolLM2's tokenizer: fast, deterministic, real architecture."""
-    from mmla.models import build_tiny_model
+    from mmla.tiny import build_tiny_model
 
     return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))

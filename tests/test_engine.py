@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mmla import engine
-from mmla.models import build_tiny_model, load_model
+from mmla.models import load_model
+from mmla.tiny import build_tiny_model
 from mmla.inputs import TextInputs
 from mmla.prompts import Decoding, candidates, chat_text, render
 

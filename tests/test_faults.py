@@ -1,4 +1,4 @@
-"""The fault table (issue 12): each fault a user can meet, through real `python -m mmla.cli` processes.
+"""The fault table: each fault a user can meet, through real `python -m mmla.cli` processes.
 
 Every row asserts the exit status, the one-line `mmla: error:` message (no traceback), and, where a rerun
 follows, that the final predictions / metrics / adapter equal an uninterrupted run's. Inference rows use the

@@ -203,7 +203,7 @@ def test_predict_video_score_mode_and_datasets(tiny_vl, root, tmp_path):
     with pytest.raises(ValueError, match="no videos are released for MOSI"):
         predict(_cfg(tiny_vl, root, tmp_path / "x", datasets=["MOSI"]), progress=False)
     with pytest.raises(ValueError, match="cannot take video"):
-        from mmla.models import build_tiny_model
+        from mmla.tiny import build_tiny_model
 
         text_model = build_tiny_model("llama", tmp_path / "tiny-text")
         predict(_cfg(text_model, root, tmp_path / "y", modality="video"), progress=False)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmla import models
-from mmla.models import build_tiny_model, load_model, real_size_config, resolve
+from mmla.models import load_model, resolve
+from mmla.tiny import build_tiny_model, real_size_config
 
 
 def test_alias_loads_the_converted_model():

@@ -1,6 +1,5 @@
 """mmla.report: tables equal metrics.json, paper columns hold the paper's numbers, files and CLI behave."""
 
-import argparse
 import base64
 import csv
 import json
@@ -10,7 +9,8 @@ import pytest
 from report_fixtures import make_run
 
 from mmla import paper
-from mmla.report import add_cli, build_report, confusion_counts, load_run, paper_reference, slug
+from mmla.cli import main
+from mmla.report import build_report, confusion_counts, load_run, paper_reference, slug
 
 METRICS = ("ACC", "F1", "Precision", "Recall", "WF1", "WP")
 
@@ -169,15 +169,12 @@ def test_missing_file_is_a_one_line_value_error(tmp_path, missing):
 
 
 def test_cli(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="mmla")
-    add_cli(parser.add_subparsers(dest="command"))
     run = make_run(tmp_path, "r", datasets=("MOSI",), rows=3)
-    args = parser.parse_args(["report", str(run), "--out", str(tmp_path / "out")])
-    assert args.func(args) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report.html").is_file()
-    args = parser.parse_args(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "out2")])
-    assert args.func(args) == 2
-    assert "metrics.json" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmla: error: ") and "metrics.json" in err and err.count("\n") == 1
 
 
 def test_same_labels_get_distinct_folders_and_bad_json_is_named(tmp_path):

@@ -146,7 +146,7 @@ def cmd_train(a) -> int:
     if "datasets" not in values:  # training every dataset is never a default
         raise ValueError("mmla train needs --datasets: one name (SFT), a comma list (SFT each) or all (IT)")
     cfg = training.make_config(values)
-    # several SFT adapters at once over one frozen base (issue 11) lives above training, so the choice is made here
+    # several SFT adapters at once over one frozen base lives above training, so the choice is made here
     results = (multilora.train if cfg.concurrent else training.train)(cfg, progress=not a.no_progress)
     if is_main():
         for name, r in results.items():
@@ -166,7 +166,6 @@ def cmd_merge(a) -> int:
 
 def add_train_cli(subparsers) -> None:
     from .training import MODALITIES, PRESET_NAMES
-    from .video import frame_args
 
     sp = subparsers.add_parser(
         "train", help="LoRA SFT (one adapter per dataset) or IT (--datasets all: one adapter on all), text or video",
@@ -201,6 +200,123 @@ def cmd_demo(a) -> int:
     from .demo import run
 
     return run()
+
+
+# ---------------------------------------------------------------- report, run, export, check-data
+
+
+def cmd_report(a) -> int:
+    from .report import build_report
+
+    print(build_report(a.run_dirs, a.out))
+    return 0
+
+
+def add_report_cli(subparsers) -> None:
+    sp = subparsers.add_parser(
+        "report", help="tables, figures and an HTML page from run directories, compared with the paper",
+        description="Build report.html, report.md and CSV tables from one or more run directories.")
+    sp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    sp.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    sp.set_defaults(func=cmd_report)
+
+
+def cmd_run(a) -> int:
+    from . import distributed
+    from .experiment import STAGES, load_experiment, run_experiment
+
+    cfg = load_experiment(a.config, a.overrides)
+    main = distributed.ranks().main
+    text = run_experiment(cfg, progress=not a.no_progress and main)
+    if not main:  # under torchrun / accelerate launch: rank 0 reports
+        return 0
+    print(text)
+    print(f"\nresults: {Path(cfg.out) / 'results.md'}; run directories for `mmla report`: "
+          + ", ".join(str(Path(cfg.out) / s) for s in STAGES if s in cfg.stages))
+    return 0
+
+
+def add_run_cli(subparsers) -> None:
+    sp = subparsers.add_parser("run", help="a whole experiment from a YAML file: zero-shot, SFT, IT, results",
+                               description="Run the stages of CONFIG.yaml (rerun to resume; finished stages are "
+                                           "skipped), then print one results table beside the paper's numbers.")
+    sp.add_argument("config", help="e.g. configs/demo.yaml")
+    sp.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="e.g. out=runs/x train.preset=fast predict.limit=20 sft.datasets=MELD,MOSI")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_run)
+
+
+def cmd_export(a) -> int:
+    from .export import MODALITIES, export_llamafactory
+
+    modalities = MODALITIES if a.modality == "both" else (a.modality,)
+    res = export_llamafactory(a.data, a.out, a.datasets, modalities)
+    if res["missing"]:
+        print(f"not exported (no such split in the data): {', '.join(res['missing'])}", file=sys.stderr)
+    print(f"{len(res['files'])} files, {sum(res['files'].values())} records, dataset_info.json in {a.out}")
+    return 0
+
+
+def add_export_cli(subparsers) -> None:
+    sp = subparsers.add_parser("export", help="write the data in another toolkit's format (llamafactory)")
+    sp.add_argument("format", choices=("llamafactory",))
+    sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
+    sp.add_argument("--datasets", default="all")
+    sp.add_argument("--modality", default="both", choices=("text", "video", "both"))
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_export)
+
+
+def cmd_check_data(a) -> int:
+    from .data import data_root
+    from .tasks import parse_datasets
+    from .video import FrameCache, check_data, format_check, frame_setting
+
+    spec = a.datasets or "video"
+    check = "exists" if a.no_decode else "full" if a.full else "probe"
+    setting = frame_setting(a.frames or "official-infer", num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels)
+    cache = FrameCache(enabled=not a.no_frame_cache) if check == "full" else None
+    report = check_data(data_root(a.data), parse_datasets(spec), [a.split] if a.split else None,
+                        check=check, setting=setting, cache=cache)
+    if check == "full":
+        report["frame_setting"] = setting.record()
+    print(json.dumps(report, indent=2) if a.json else format_check(report, a.show))
+    return 1 if report["problems"] else 0
+
+
+def add_check_data_cli(subparsers) -> None:
+    from .tasks import SPLITS
+
+    sp = subparsers.add_parser(
+        "check-data", help="list video clips that are missing or unreadable",
+        description="For every row of the TSVs, find its clip (tolerant of the release's spelling variants) "
+                    "and decode its first frame (--full: every frame the setting samples). "
+                    "Exit status 1 when something is missing or unreadable.")
+    sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
+    sp.add_argument("--datasets", help="video (default) | all | comma-separated names")
+    sp.add_argument("--split", choices=SPLITS, help="one split (default: every split present)")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--no-decode", action="store_true", help="only check that the files exist")
+    how.add_argument("--full", action="store_true",
+                     help="decode the frames of --frames (finds truncated clips; fills the frame cache)")
+    frame_args(sp)
+    sp.add_argument("--show", type=int, default=20, help="problems listed per dataset (default 20)")
+    sp.add_argument("--json", action="store_true", help="the full report as JSON")
+    sp.set_defaults(func=cmd_check_data)
+
+
+def frame_args(sp) -> None:
+    """The frame options of predict, train and check-data (mmla.video's settings)."""
+    from .video import SETTINGS
+
+    sp.add_argument("--frames", choices=tuple(SETTINGS),
+                    help="frame setting (default: the model family's official one, else official-infer: "
+                         "4 frames, 151,200 px, fps 1)")
+    sp.add_argument("--num-frames", type=int, help="override: a fixed number of frames")
+    sp.add_argument("--fps", type=float, help="override: sample at this rate (alone: fps sampling)")
+    sp.add_argument("--max-pixels", type=int, help="override: pixel budget per frame")
+    sp.add_argument("--no-frame-cache", action="store_true", help="decode every clip again")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,8 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="run directory (rerun to resume)")
     sp.add_argument("--modality", default="auto", choices=("auto", "text", "video"),
                     help="auto (default): video for a vision-language model (datasets: the 9 with videos), else text")
-    from .video import frame_args
-
     frame_args(sp)
     # an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve, a hosted API)
     sp.add_argument("--backend", default="local", choices=backends.names(),
@@ -278,28 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", default="data/mmla")
     sp.set_defaults(func=cmd_download)
 
-    from . import experiment, export, report, video
-
-    for add in (report.add_cli, video.add_cli, add_train_cli, experiment.add_cli, export.add_cli):
-        add(sub)  # report, check-data, train/merge, run, export
-    _moved(sub, "train-video", "mmla train (the modality comes from the model, or --modality)", "train")
-    _moved(sub, "video-run", "mmla run CONFIG.yaml", "run")
+    for add in (add_report_cli, add_check_data_cli, add_train_cli, add_run_cli, add_export_cli):
+        add(sub)
     return p
-
-
-def _moved(sub, old: str, new: str, target: str) -> None:
-    """A command that moved: still works, and says where it went."""
-    sp = sub.choices[target]
-
-    def run(a):
-        print(f"mmla {old} is now {new}", file=sys.stderr)
-        return sp.get_default("func")(a)
-
-    alias = sub.add_parser(old, help=f"(moved) {new}", parents=[], add_help=True)
-    for action in sp._actions:
-        if action.dest != "help":
-            alias._add_action(action)
-    alias.set_defaults(func=run)
 
 
 def run_parsed(args) -> int:

@@ -288,26 +288,3 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> str:
             write_text(out / "results.md", f"# {cfg.name}\n\n{text}\n")
             write_json(out / "results.json", table)
         return text
-
-
-def cmd_run(a) -> int:
-    cfg = load_experiment(a.config, a.overrides)
-    main = distributed.ranks().main
-    text = run_experiment(cfg, progress=not a.no_progress and main)
-    if not main:  # under torchrun / accelerate launch: rank 0 reports
-        return 0
-    print(text)
-    print(f"\nresults: {Path(cfg.out) / 'results.md'}; run directories for `mmla report`: "
-          + ", ".join(str(Path(cfg.out) / s) for s in STAGES if s in cfg.stages))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    sp = subparsers.add_parser("run", help="a whole experiment from a YAML file: zero-shot, SFT, IT, results",
-                               description="Run the stages of CONFIG.yaml (rerun to resume; finished stages are "
-                                           "skipped), then print one results table beside the paper's numbers.")
-    sp.add_argument("config", help="e.g. configs/demo.yaml")
-    sp.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="e.g. out=runs/x train.preset=fast predict.limit=20 sft.datasets=MELD,MOSI")
-    sp.add_argument("--no-progress", action="store_true")
-    sp.set_defaults(func=cmd_run)

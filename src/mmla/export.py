@@ -13,7 +13,6 @@ videos get a video variant. A dataset without a split is reported and left out, 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from . import data as data_mod
@@ -80,22 +79,3 @@ def export_llamafactory(data: str | None, out: str, datasets="all", modalities=M
                 counts[name] = len(union)
     write_json(dest / "dataset_info.json", info)
     return {"files": counts, "missing": sorted(set(missing))}
-
-
-def cmd_export(a) -> int:
-    modalities = MODALITIES if a.modality == "both" else (a.modality,)
-    res = export_llamafactory(a.data, a.out, a.datasets, modalities)
-    if res["missing"]:
-        print(f"not exported (no such split in the data): {', '.join(res['missing'])}", file=sys.stderr)
-    print(f"{len(res['files'])} files, {sum(res['files'].values())} records, dataset_info.json in {a.out}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    sp = subparsers.add_parser("export", help="write the data in another toolkit's format (llamafactory)")
-    sp.add_argument("format", choices=("llamafactory",))
-    sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
-    sp.add_argument("--datasets", default="all")
-    sp.add_argument("--modality", default="both", choices=("text", "video", "both"))
-    sp.add_argument("--out", required=True)
-    sp.set_defaults(func=cmd_export)

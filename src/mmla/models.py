@@ -1,4 +1,4 @@
-"""Loading models: aliases, local directories, Hugging Face ids, LoRA adapters, and tiny test models.
+"""Loading models: aliases, local directories, Hugging Face ids, LoRA adapters.
 
 `load_model` is the one entry point the rest of the toolkit uses. Weights are always read from
 safetensors (never pickles). The `smollm2-135m` alias is the SmolLM2-135M-Instruct GGUF shipped
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen2VLConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .runs import startup_done
 
@@ -294,68 +294,3 @@ def load_adapter(model, adapter: str | os.PathLike):
     except (SafetensorError, OSError, ValueError) as e:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{adapter}: cannot load the adapter ({cause})") from None
-
-
-# ---------------------------------------------------------------- test and benchmark models
-
-
-def _tokenizer_source() -> str:
-    # Every test model borrows SmolLM2's tokenizer: its 49152 ids also fit the real Qwen2 and Llama-3 vocabularies.
-    return resolve("smollm2-135m")
-
-
-def real_size_config(arch: str):
-    """Configs of the paper's text models, for random-init speed benchmarks (no weights needed)."""
-    if arch == "qwen2-1.5b":  # Qwen2-1.5B-Instruct
-        return Qwen2Config(
-            hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-            num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
-            bos_token_id=151643, eos_token_id=151645,
-        )
-    if arch == "llama3-8b":  # Meta-Llama-3-8B-Instruct
-        return LlamaConfig(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
-            bos_token_id=128000, eos_token_id=128009,
-        )
-    raise ValueError(f"unknown architecture '{arch}' (use qwen2-1.5b or llama3-8b)")
-
-
-def real_size_video_config(arch: str = "qwen2-vl-7b"):
-    """Qwen2-VL-7B-Instruct's architecture, for random-init speed benchmarks (no weights needed)."""
-    if arch != "qwen2-vl-7b":
-        raise ValueError(f"unknown architecture '{arch}' (use qwen2-vl-7b)")
-    return Qwen2VLConfig(
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                          "mrope_section": [16, 24, 24]},
-                         bos_token_id=151643, eos_token_id=151645),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    )
-
-
-def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random-init model (hidden 64, 2 layers) with SmolLM2's tokenizer to `out_dir`."""
-    tokenizer = load_tokenizer(_tokenizer_source())
-    common = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common, tie_word_embeddings=True)
-    else:
-        raise ValueError(f"unknown tiny architecture '{arch}' (use llama or qwen2)")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out

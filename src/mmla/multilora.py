@@ -1,5 +1,5 @@
 """Many LoRA adapters trained concurrently over one frozen base: SFT for several datasets in one process, text or
-video (issue 11).
+video.
 
 The paper trains one LoRA adapter per dataset at an effective batch of 4, which leaves an accelerator mostly idle.
 The base model is frozen and the same for every dataset, so the runs can share it: each joint step holds the next

@@ -18,7 +18,6 @@ import base64
 import csv
 import json
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -528,25 +527,3 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
     html_path = out_dir / "report.html"
     write_text(html_path, _template("report.html.j2").render(context))
     return html_path
-
-
-# ------------------------------------------------------------------------------------------------- cli
-
-def add_cli(subparsers) -> None:
-    """Register `mmla report RUN_DIR... --out DIR` on an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "report", help="tables, figures and an HTML page from run directories, compared with the paper",
-        description="Build report.html, report.md and CSV tables from one or more run directories.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.set_defaults(func=_cli_main)
-
-
-def _cli_main(args) -> int:
-    try:
-        html = build_report(args.run_dirs, args.out)
-    except ValueError as err:
-        print(f"mmla report: {err}", file=sys.stderr)
-        return 2
-    print(html)
-    return 0

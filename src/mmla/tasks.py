@@ -67,7 +67,6 @@ class Task:
     labels: tuple[str, ...]  # official order; lower case
     has_video: bool  # videos released (MLLM experiments use only these 9)
     splits: tuple[str, ...] = SPLITS
-    version: str = "1"
     # per-family overrides of PromptStyle fields; a "splits" key holds per-split overrides on top
     quirks: dict = field(default_factory=dict)
 

@@ -134,7 +134,7 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 1
     # SFT of several datasets in one process over one frozen base, one adapter per dataset: read by mmla.cli and
-    # mmla.experiment, which call mmla.multilora.train (issue 11); `train` here trains them one after another
+    # mmla.experiment, which call mmla.multilora.train; `train` here trains them one after another
     concurrent: bool = False
     # rows per joint forward of a concurrent run (None: one micro-batch of every adapter still training). Each
     # adapter's optimiser step is the same whatever the grouping (only the rounding of its gradient sum moves): more

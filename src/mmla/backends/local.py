@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from . import Options, Scored, frame_setting_for
+from . import Options, frame_setting_for
 
 
 class LocalBackend:
@@ -65,5 +65,3 @@ class LocalBackend:
             out["hf_device_map"] = {k: str(v) for k, v in placed.items()} if placed else None
         return out
 
-
-__all__ = ["LocalBackend", "Scored"]
