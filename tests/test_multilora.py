@@ -96,9 +96,9 @@ def runs(tiny_llama, small_root, tmp_path_factory):
 
 
 def _train(mode: str, cfg, **kw) -> dict:
-    """What mmla.cli does: concurrent=true goes to mmla.multilora, else to mmla.training (one after another)."""
+    """What mmla.cli does: training.train, which honours concurrent itself (mmla.multilora), else one after another."""
     assert cfg.concurrent == (mode == "concurrent")
-    return (multilora.train if cfg.concurrent else training.train)(cfg, progress=False, **kw)
+    return training.train(cfg, progress=False, **kw)
 
 
 def test_concurrent_adapters_equal_separate_runs(runs, initial):
@@ -257,12 +257,12 @@ def test_run_directory_refuses_another_dataset_set_or_preset(runs, tiny_llama, s
                                                                     "['MUStARD', 'MOSI', 'MELD'], not ['MUStARD', 'MOSI']")),
                            ({"preset": "fast"}, "this run directory was made with preset='paper', not 'fast'")):
         with pytest.raises(ValueError, match=message) as e:
-            multilora.train(make_config(_values(tiny_llama, small_root, con, concurrent=True, **extra)), progress=False)
+            training.train(make_config(_values(tiny_llama, small_root, con, concurrent=True, **extra)), progress=False)
         assert "\n" not in str(e.value)
     for extra, message in (({"batching": "packed"}, "not packed"), ({"group_by_length": True}, "group_by_length"),
                            ({"datasets": "all"}, "for SFT .* not setting=it")):
         with pytest.raises(ValueError, match=message) as e:
-            multilora.train(make_config(_values(tiny_llama, small_root, out / "x", concurrent=True, **extra)),
+            training.train(make_config(_values(tiny_llama, small_root, out / "x", concurrent=True, **extra)),
                             progress=False)
         assert "\n" not in str(e.value)
     assert not (out / "x").exists()

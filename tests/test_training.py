@@ -16,7 +16,7 @@ import pytest
 from mmla import trainer, training
 from mmla.config import parse_overrides, read_yaml
 from mmla.runs import read_run_config
-from mmla.trainer import IGNORE, Collator, answer_positions
+from mmla.finetune import IGNORE, Collator, answer_positions
 from mmla.training import make_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -131,9 +131,9 @@ def cmd_download(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from . import multilora, training
+    from . import training
     from .config import parse_overrides, read_yaml
-    from .trainer import is_main
+    from .finetune import is_main
 
     values = read_yaml(a.config) if a.config else {}
     for key in ("model", "data", "datasets", "preset", "out", "modality", "frames", "num_frames", "fps", "max_pixels"):
@@ -146,8 +146,7 @@ def cmd_train(a) -> int:
     if "datasets" not in values:  # training every dataset is never a default
         raise ValueError("mmla train needs --datasets: one name (SFT), a comma list (SFT each) or all (IT)")
     cfg = training.make_config(values)
-    # several SFT adapters at once over one frozen base lives above training, so the choice is made here
-    results = (multilora.train if cfg.concurrent else training.train)(cfg, progress=not a.no_progress)
+    results = training.train(cfg, progress=not a.no_progress)
     if is_main():
         for name, r in results.items():
             best = r.get("best") or {}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as data_mod
-from . import distributed, multilora
+from . import distributed
 from .config import build, coerce, parse_overrides, read_yaml
 from .inference import PredictConfig, dedupe, predict
 from .runs import claim, open_run, read_run_config, read_json, read_jsonl, write_config, write_json, write_jsonl, write_text
@@ -197,7 +197,7 @@ def run_sft(cfg: ExperimentConfig, progress: bool) -> dict:
     if len(have) > 1 and {**cfg.train, **cfg.sft}.get("concurrent"):
         # every adapter at once over one frozen base (mmla.multilora); each run below then finds its adapter done
         _say(f"sft: {len(have)} adapters trained concurrently -> {out / 'sft-train'}")
-        multilora.train(make_config(_train_values(cfg, "sft", out / "sft-train", have)), progress=progress)
+        train(make_config(_train_values(cfg, "sft", out / "sft-train", have)), progress=progress)
     for i, ds in enumerate(have, 1):
         tdir, pdir = out / "sft-train" / ds, out / "sft-test" / ds
         _say(f"sft {i}/{len(have)}: {ds}: train -> {tdir}")

@@ -46,11 +46,11 @@ import warnings
 from pathlib import Path
 
 from . import data as data_mod
-from . import training
 from . import video as video_mod
-from .runs import claim, environment, open_run, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
-from .trainer import IGNORE, Collator, DevEval, answer_positions, prepare_base, replace_dir, say
-from .training import TrainConfig, _check_identity, _record, build_split, frame_setting, validate, with_preset
+from .finetune import IGNORE, Collator, DevEval, answer_positions, better, build_split, check_identity, \
+    frame_setting, load_for_training, lora_config, prepare_base, replace_dir, run_env, run_record, say, summary, \
+    training_arguments
+from .runs import claim, open_run, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
 
 CKPT = "checkpoint"
 
@@ -154,7 +154,7 @@ class Plan:
     steps_per_epoch: int = 0
 
     @classmethod
-    def make(cls, cfg: TrainConfig, n_rows: int) -> "Plan":
+    def make(cls, cfg, n_rows: int) -> "Plan":
         p = cls(n_rows, cfg.per_device_batch_size, cfg.gradient_accumulation_steps, cfg.seed)
         p.batches_per_epoch = math.ceil(n_rows / p.batch)
         p.steps_per_epoch = max(p.batches_per_epoch // p.accum + int(p.batches_per_epoch % p.accum > 0), 1)
@@ -182,7 +182,7 @@ class Plan:
 class Adapter:
     """One dataset's adapter: its config, data, plan, optimiser, schedule, evaluation and output directory."""
 
-    def __init__(self, cfg: TrainConfig, ds: str, name: str, out: Path, inputs, collate: Collator, cache):
+    def __init__(self, cfg, ds: str, name: str, out: Path, inputs, collate: Collator, cache):
         self.cfg, self.ds, self.name, self.out = cfg, ds, name, out
         self.train = build_split(cfg, inputs, [ds], "train", cfg.limit, cache=cache)
         if len(self.train.items) == 0:
@@ -211,13 +211,9 @@ class Adapter:
 def _optimiser(model, a: Adapter, precision: str, device) -> None:
     """The Trainer's optimiser and schedule (create_optimizer / create_scheduler) over this adapter's parameters,
     from the TrainingArguments a separate run of its config builds."""
-    from transformers import Trainer, TrainingArguments, get_scheduler
+    from transformers import Trainer, get_scheduler
 
-    c = a.cfg
-    args = TrainingArguments(
-        output_dir="unused", learning_rate=c.learning_rate, lr_scheduler_type=c.lr_scheduler,
-        warmup_steps=c.warmup_ratio, weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm, optim=c.optim,
-        seed=c.seed, bf16=precision == "bf16", use_cpu=device.type == "cpu", report_to="none")
+    args = training_arguments(a.cfg, precision, device)
     decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
     mine = [(n, p) for n, p in model.named_parameters() if f".{a.name}." in n]
     a.params = [p for _, p in mine]
@@ -296,7 +292,7 @@ def load_checkpoint(out: Path, model, adapters: list[Adapter]) -> int:
     return state["joint_step"]
 
 
-def _check_run_dir(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
+def _check_run_dir(out: Path, cfg, datasets: list[str]) -> None:
     want = {"datasets": datasets, "preset": cfg.preset}
     open_run(out, want, "concurrent.json")
     if not (out / "concurrent.json").exists():
@@ -306,26 +302,7 @@ def _check_run_dir(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
 # ---------------------------------------------------------------- training
 
 
-def train(cfg: TrainConfig, progress: bool = True, model=None, frame_cache: video_mod.FrameCache | None = None) -> dict:
-    """`mmla train --concurrent`: SFT of the datasets with a train split, all at once into <out>/<DS>/ (the layout
-    of `training.train` for several datasets). With fewer than two such datasets there is nothing to share and this
-    is `training.train`. Returns {dataset: summary}."""
-    cfg = validate(dataclasses.replace(cfg))
-    if cfg.setting != "sft":
-        raise ValueError("concurrent training is for SFT (one adapter per dataset), not setting=it: name the "
-                         "datasets (e.g. --datasets MELD,MOSI) or drop concurrent")
-    cfg.data = str(data_mod.data_root(cfg.data))
-    have = [ds for ds in cfg.datasets if "train" in data_mod.available_splits(Path(cfg.data), ds)]
-    if len(have) < 2:
-        return training.train(cfg, progress, model, frame_cache)
-    missing = [ds for ds in cfg.datasets if ds not in have]
-    if missing:
-        say(f"no train split in {cfg.data} for {', '.join(missing)}: no adapter trained "
-            f"(training on {len(have)} of {len(cfg.datasets)} datasets)")
-    return train_concurrent(cfg, have, Path(cfg.out), progress, model, frame_cache)
-
-
-def _check_config(cfg: TrainConfig, datasets: list[str]) -> None:
+def _check_config(cfg, datasets: list[str]) -> None:
     if cfg.setting != "sft":
         raise ValueError("concurrent training is for SFT (one adapter per dataset), not setting=it")
     if cfg.batching == "packed":
@@ -380,15 +357,15 @@ def _step_losses(model, batch: dict, owner, n_items, n_adapters: int, answer_onl
     return per / n_items
 
 
-def _setup(cfg: TrainConfig, datasets: list[str], out: Path, model, frame_cache):
+def _setup(cfg, datasets: list[str], out: Path, model, frame_cache, preset):
     """Load the base (or take the given (model, tokenizer or processor) pair), build every adapter's data, add one
     LoRA adapter per dataset and the router. Returns (model, router, adapters, precision, device, collate, extra)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import set_seed
 
     from .inputs import make_inputs
 
-    model, tok, device, precision = training.load_for_training(cfg, model)
+    model, tok, device, precision = load_for_training(cfg, model)
     video = cfg.modality == "video"
     inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
     cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
@@ -396,14 +373,12 @@ def _setup(cfg: TrainConfig, datasets: list[str], out: Path, model, frame_cache)
     adapters = []
     for i, ds in enumerate(datasets):
         (out / ds).mkdir(parents=True, exist_ok=True)
-        adapters.append(Adapter(with_preset(cfg, ds), ds, f"a{i}", out / ds, inputs, collate, cache))
+        adapters.append(Adapter(preset(ds), ds, f"a{i}", out / ds, inputs, collate, cache))
     prepare_base(model, cfg, precision)
     with warnings.catch_warnings():  # peft calls a transformers property that warns of its own deprecation
         warnings.simplefilter("ignore", FutureWarning)
         for a in adapters:
-            c = a.cfg
-            lora = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                              target_modules=c.lora_target or inputs.lora_target, task_type="CAUSAL_LM")
+            lora = lora_config(a.cfg, a.cfg.lora_target or inputs.lora_target)
             set_seed(cfg.seed)  # each adapter initialised as a separate run of this config initialises its one
             if not hasattr(model, "peft_config"):
                 model = get_peft_model(model, lora, adapter_name=a.name)
@@ -423,31 +398,32 @@ def _setup(cfg: TrainConfig, datasets: list[str], out: Path, model, frame_cache)
     return model, router, adapters, precision, device, collate, extra
 
 
-def train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool = True, model=None,
-                     frame_cache: video_mod.FrameCache | None = None) -> dict:
+def train_concurrent(cfg, datasets: list[str], out: Path, progress: bool = True, model=None,
+                     frame_cache: video_mod.FrameCache | None = None, *, preset=None) -> dict:
     """Train one LoRA adapter per dataset, all at once over one frozen base, into <out>/<DS>/. Resumes from
     <out>/checkpoint; skips adapters already finished. `model`: an already loaded (model, tokenizer or processor)
-    pair (benchmarks). Returns {dataset: summary}. One writer per run directory: another process in `out` or in
-    one of its <DS> directories is refused."""
+    pair (benchmarks); `preset(ds)`: the config of that dataset's adapter (mmla.training.with_preset; default cfg).
+    Returns {dataset: summary}; mmla.training.train calls this for a config with `concurrent`. One writer per run
+    directory: another process in `out` or in one of its <DS> directories is refused."""
     _check_config(cfg, datasets)
     out = Path(out)
     with contextlib.ExitStack() as held:
         for d in [out] + [out / ds for ds in datasets]:
             held.enter_context(claim(d, "train"))
-        return _train_concurrent(cfg, datasets, out, progress, model, frame_cache)
+        return _train_concurrent(cfg, datasets, out, progress, model, frame_cache, preset or (lambda ds: cfg))
 
 
-def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool, model, frame_cache) -> dict:
+def _train_concurrent(cfg, datasets: list[str], out: Path, progress: bool, model, frame_cache, preset) -> dict:
     _check_run_dir(out, cfg, datasets)
     for ds in datasets:
-        _check_identity(out / ds, with_preset(cfg, ds), [ds])
+        check_identity(out / ds, preset(ds), [ds])
     if all((out / ds / "train_result.json").exists() for ds in datasets):
         say(f"already trained: {', '.join(datasets)} in {out}")
         return {ds: read_json(out / ds / "train_result.json") for ds in datasets}
 
     import torch
 
-    model, router, adapters, precision, device, collate, extra = _setup(cfg, datasets, out, model, frame_cache)
+    model, router, adapters, precision, device, collate, extra = _setup(cfg, datasets, out, model, frame_cache, preset)
     ckpt_step = load_checkpoint(out, model, adapters)
     if ckpt_step:
         say(f"resuming from joint step {ckpt_step} in {out} (" + ", ".join(
@@ -461,15 +437,10 @@ def _train_concurrent(cfg: TrainConfig, datasets: list[str], out: Path, progress
             (a.out / "train_log.jsonl").unlink()
         a.it = a.plan.steps(a.step)
         dev = a.dev_eval.dev if a.dev_eval else None
-        write_config(a.out / "config.yaml", {**_record(a.cfg, [a.ds]), **frames})
-        write_json(a.out / "env.json", {
-            **environment(str(device)), "precision": precision, "world_size": 1, "lora_target": extra["lora_target"],
-            "train_rows": len(a.train.items), "train_truncated": a.train.truncated,
-            "dev_rows": len(dev.items) if dev else 0,
-            **({**frames, "train_missing_clips": len(a.train.missing), "dev_missing_clips": len(dev.missing) if dev
-                else 0, "frame_cache": str(extra["cache"].root) if extra["cache"].enabled else None} if video else {}),
-            "trainable_parameters": sum(p.numel() for p in a.params),
-            "concurrent_with": [b.ds for b in adapters if b is not a]})
+        write_config(a.out / "config.yaml", {**run_record(a.cfg, [a.ds]), **frames})
+        write_json(a.out / "env.json", run_env(
+            a.cfg, device, precision, 1, extra["lora_target"], a.train, dev, video, frames, extra["cache"],
+            sum(p.numel() for p in a.params), concurrent_with=[b.ds for b in adapters if b is not a]))
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else torch.autocast(device.type, enabled=False))
@@ -563,11 +534,10 @@ def _evaluate(model, router: Router, a: Adapter) -> None:
         router.only = None
     metrics["eval_runtime"] = round(time.time() - t0, 2)
     a.log({"step": a.step, **metrics})
-    value = metrics[a.cfg.select_metric]
-    if a.best is not None and value <= a.best["value"]:
+    best = better(a.best, a.step, a.cfg.select_metric, metrics)
+    if best is None:
         return
-    a.best = {"step": a.step, "metric": a.cfg.select_metric, "value": value,
-              **{k: v for k, v in metrics.items() if k.endswith("accuracy")}}
+    a.best = best
     save_adapter(model, a, a.out / "adapter")
     write_json(a.out / "best.json", a.best)
 
@@ -575,12 +545,9 @@ def _evaluate(model, router: Router, a: Adapter) -> None:
 def _finish(model, a: Adapter, adapters: list[Adapter], precision: str, video: bool) -> None:
     if a.dev_eval is None:
         save_adapter(model, a, a.out / "adapter")
-    summary = {"adapter": str(a.out / "adapter"), "datasets": [a.ds], "steps": a.step, "epochs": round(a.epoch, 4),
-               "train_loss": sum(a.losses) / max(len(a.losses), 1),
-               "train_runtime_s": round(time.time() - a.t_start, 1), "best": a.best, "precision": precision,
-               "world_size": 1, **({"train_missing_clips": len(a.train.missing)} if video else {}),
-               "concurrent_with": [b.ds for b in adapters if b is not a]}
-    write_json(a.out / "train_result.json", summary)
+    result = summary(a.out, [a.ds], a.step, a.epoch, sum(a.losses) / max(len(a.losses), 1), time.time() - a.t_start,
+                     a.best, precision, 1, a.train, video, concurrent_with=[b.ds for b in adapters if b is not a])
+    write_json(a.out / "train_result.json", result)
     a.done = True
     for p in a.params:  # a finished adapter no longer takes part
         p.requires_grad_(False)

@@ -1,6 +1,6 @@
 """LoRA fine-tuning of text and video models: SFT (one adapter per dataset) and IT (one adapter on the union of
 the train splits). One trainer: everything that differs between text and video goes through the model's input seam
-(mmla.inputs); the loop's parts (collator, dev evaluation, Trainer subclass, adapter saving) are in mmla.trainer.
+(mmla.inputs); the parts it shares with concurrent training (mmla.multilora) are in mmla.finetune.
 
 The recipe, as the official LLaMA-Factory runs it (../shared/PROTOCOL.md, "Fine-tuning"):
 
@@ -42,21 +42,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as data_mod
+from . import multilora
 from . import video as video_mod
 from .config import coerce
-from .prompts import PROTOCOLS, render, target
-from .runs import claim, environment, open_run, read_json, read_jsonl, write_config, write_json, write_jsonl, \
-    writing
+from .finetune import Collator, DevEval, Run, build_split, check_identity, frame_setting, is_main, last_checkpoint, \
+    load_for_training, lora_config, prepare_base, run_env, run_record, say, save_adapter, summary, trainer_classes, \
+    training_arguments
+from .prompts import PROTOCOLS
+from .runs import claim, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
-from .trainer import Collator, DevEval, Run, VideoItems, is_main, last_checkpoint, \
-    placement, precision_for, prepare_base, refuse_disk, say, save_adapter, trainer_classes
 
 SETTINGS = ("sft", "it")
 PRESET_NAMES = ("paper", "fast")
@@ -133,8 +133,8 @@ class TrainConfig:
     save_steps: int = 10  # resume checkpoints
     save_total_limit: int = 2
     logging_steps: int = 1
-    # SFT of several datasets in one process over one frozen base, one adapter per dataset: read by mmla.cli and
-    # mmla.experiment, which call mmla.multilora.train; `train` here trains them one after another
+    # SFT of several datasets in one process over one frozen base, one adapter per dataset (mmla.multilora);
+    # otherwise `train` trains them one after another
     concurrent: bool = False
     # rows per joint forward of a concurrent run (None: one micro-batch of every adapter still training). Each
     # adapter's optimiser step is the same whatever the grouping (only the rounding of its gradient sum moves): more
@@ -184,14 +184,6 @@ VIDEO_PRESETS = {
 _VIDEO_COMMON = dict(lr_scheduler="cosine", lora_rank=8, lora_alpha=16, lora_dropout=0.0, cutoff_len=1024,
                      max_grad_norm=1.0, weight_decay=0.0, precision="auto", batching="padded",
                      answer_logits_only=False)
-
-# Settings that change the trained weights: a run directory refuses to resume (or to be reused) under different
-# ones. They are compared as the user gave them (None = the default), so the same command always resumes.
-_IDENTITY = ("model", "datasets", "setting", "modality", "family", "protocol", "limit", "frames", "num_frames", "fps",
-             "max_pixels", "learning_rate", "num_epochs", "max_steps", "per_device_batch_size",
-             "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "cutoff_len",
-             "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_target")
-
 
 # ---------------------------------------------------------------- config
 
@@ -330,104 +322,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def frame_setting(cfg: TrainConfig) -> video_mod.FrameSetting:
-    return video_mod.frame_setting(cfg.frames, num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
-
-
-# ---------------------------------------------------------------- data
-
-
-def _subset(examples: list, n: int | None, seed: int) -> list:
-    if n is None or n >= len(examples):
-        return examples
-    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in keep]
-
-
-@dataclass
-class Split:
-    items: object  # text: a list of dicts (input_ids, labels); video: VideoItems, built on demand
-    examples: list  # data.Example, aligned with items
-    clips: list | None = None  # video: each example's clip path
-    truncated: int = 0  # text: rows cut at cutoff_len
-    missing: list = field(default_factory=list)  # video: {dataset, id, error} of the rows left out
-
-
-def build_split(cfg: TrainConfig, inputs, datasets: list[str], split: str, limit: int | None,
-                subset: bool = False, cache: video_mod.FrameCache | None = None) -> Split:
-    """The rows of `split` as training items through the seam `inputs`. Video: each clip is decoded now (into the
-    frame cache, so the Trainer reads it back); a row whose clip is missing or unreadable is left out and counted."""
-    eot = inputs.end_of_turn(cfg.protocol)
-    video = inputs.modality == "video"
-    finder = video_mod.ClipFinder(cfg.data) if video else None
-    out = Split([], [], [] if video else None)
-    rows_v = []
-    for ds in datasets:
-        rows = data_mod.load_split(Path(cfg.data), ds, split).examples
-        rows = _subset(rows, limit, cfg.seed) if subset else rows[:limit] if limit else rows
-        if video:
-            kept = []
-            for e in rows:
-                clip = finder.find(ds, e.id)
-                error = clip.error
-                if clip.path is not None:
-                    try:
-                        video_mod.load_frames(clip.path, inputs.setting, cache)
-                    except video_mod.ClipError as err:
-                        error = str(err)
-                if error:
-                    out.missing.append({"dataset": ds, "id": e.id, "error": error})
-                    continue
-                kept.append(e)
-                out.clips.append(clip.path)
-            rows = kept
-        chats = inputs.chat([render(ds, cfg.family, e.text, split, inputs.modality) for e in rows], cfg.protocol,
-                            training=True)
-        answers = [target(ds, cfg.family, e.label, split, inputs.modality) + eot for e in rows]
-        if video:
-            rows_v += list(zip(out.clips[len(out.examples):], chats, answers))
-        else:
-            for chat, answer in zip(chats, answers):
-                item, cut = inputs.train_item(chat, answer, cfg.cutoff_len)
-                out.items.append(item)
-                out.truncated += cut
-        out.examples += rows
-    if video:
-        out.items = VideoItems(inputs, rows_v, cfg.cutoff_len, cache)
-    return out
-
-
-# ---------------------------------------------------------------- train
-
-
-def _record(cfg: TrainConfig, datasets: list[str]) -> dict:
-    return {**dataclasses.asdict(cfg), "datasets": datasets}
-
-
-def _check_identity(out: Path, cfg: TrainConfig, datasets: list[str]) -> None:
-    new = _record(cfg, datasets)
-    open_run(out, {key: new[key] for key in _IDENTITY})
-
-
-def load_for_training(cfg: TrainConfig, model=None):
-    """(model, tokenizer or processor, device, precision) of a training run: cfg.model loaded in the precision's
-    dtype (or the given (model, tokenizer) pair, for benchmarks), on the CPU until the Trainer moves it."""
-    import torch
-
-    from .models import load_model, pick_device
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    precision = precision_for(cfg, device)
-    if model is not None:
-        return (*model, device, precision)
-    model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
-                            trust_remote_code=cfg.trust_remote_code, modality=cfg.modality, **placement(cfg))
-    refuse_disk(model, cfg)
-    return model, tok, device, precision
-
-
 def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool = True, model=None,
               frame_cache: video_mod.FrameCache | None = None) -> dict:
     """Train one adapter on `datasets` into `out`; resumes from the last checkpoint; reuses a finished run made
@@ -438,15 +332,15 @@ def train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool =
 
 
 def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool, model, frame_cache) -> dict:
-    _check_identity(out, cfg, datasets)
+    check_identity(out, cfg, datasets)
     done = out / "train_result.json"
     if done.exists():
         say(f"already trained: {out / 'adapter'} (remove {done} to train again)")
         return read_json(done)
 
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments, set_seed
+    from peft import get_peft_model
+    from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
     from .inputs import make_inputs
@@ -486,32 +380,22 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
     lora_target = cfg.lora_target or inputs.lora_target
     with warnings.catch_warnings():  # peft calls a transformers property that warns of its own deprecation
         warnings.simplefilter("ignore", FutureWarning)
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora_target,
-            task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora_config(cfg, lora_target))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     frames = {"frame_setting": inputs.setting.record()} if video else {}
     if is_main():
-        write_config(out / "config.yaml", {**_record(cfg, datasets), **frames})
-        write_json(out / "env.json", {
-            **environment(str(device)), "precision": precision, "world_size": world, "lora_target": lora_target,
-            "train_rows": len(train_split.items), "train_truncated": train_split.truncated,
-            "dev_rows": len(dev.items) if eval_on else 0,
-            **({**frames, "train_missing_clips": len(train_split.missing),
-                "dev_missing_clips": len(dev.missing) if dev else 0,
-                "frame_cache": str(cache.root) if cache.enabled else None} if video else {}),
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "hf_device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None})
+        write_config(out / "config.yaml", {**run_record(cfg, datasets), **frames})
+        write_json(out / "env.json", run_env(
+            cfg, device, precision, world, lora_target, train_split, dev if eval_on else None, video, frames, cache,
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+            hf_device_map={k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None))
 
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
+    args = training_arguments(
+        cfg, precision, device, str(out / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim, seed=cfg.seed, bf16=precision == "bf16", use_cpu=device.type == "cpu",
-        logging_steps=cfg.logging_steps, eval_strategy="steps" if eval_on else "no",
+        max_steps=cfg.max_steps or -1, logging_steps=cfg.logging_steps, eval_strategy="steps" if eval_on else "no",
         eval_steps=cfg.eval_steps if eval_on else None, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, report_to="none", remove_unused_columns=False,
+        save_total_limit=cfg.save_total_limit, remove_unused_columns=False,
         dataloader_num_workers=0, **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         ddp_find_unused_parameters=False, disable_tqdm=False, log_level="warning",
@@ -530,23 +414,25 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
         trainer.evaluate()  # the final weights are a candidate too
     if not eval_on:
         save_adapter(trainer, out / "adapter")
-    summary = {"adapter": str(out / "adapter"), "datasets": datasets, "steps": step,
-               "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
-               "train_runtime_s": round(time.time() - t0, 1), "best": run.best, "precision": precision,
-               "world_size": world, "distributed_type": str(trainer.accelerator.distributed_type.value),
-               **({"train_missing_clips": len(train_split.missing)} if video else {})}
+    result = summary(out, datasets, step, trainer.state.epoch or 0.0, result.training_loss, time.time() - t0,
+                     run.best, precision, world, train_split, video,
+                     distributed_type=str(trainer.accelerator.distributed_type.value))
     if trainer.is_world_process_zero():
-        write_json(done, summary)
+        write_json(done, result)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return summary
+    return result
 
 
 def train(cfg: TrainConfig, progress: bool = True, model=None,
           frame_cache: video_mod.FrameCache | None = None) -> dict:
-    """SFT: one adapter per dataset (<out>/adapter for one dataset, <out>/<DS>/adapter for several);
+    """SFT: one adapter per dataset (<out>/adapter for one dataset, <out>/<DS>/adapter for several), one after
+    another, or with cfg.concurrent all at once over one frozen base (mmla.multilora, the same <out>/<DS> layout);
     IT: one adapter on the union of the train splits (<out>/adapter). Returns {name: summary}."""
     cfg = validate(dataclasses.replace(cfg))
+    if cfg.concurrent and cfg.setting != "sft":
+        raise ValueError("concurrent training is for SFT (one adapter per dataset), not setting=it: name the "
+                         "datasets (e.g. --datasets MELD,MOSI) or drop concurrent")
     cfg.data = str(data_mod.data_root(cfg.data))
     have = [ds for ds in cfg.datasets if "train" in data_mod.available_splits(Path(cfg.data), ds)]
     missing = [ds for ds in cfg.datasets if ds not in have]
@@ -556,6 +442,9 @@ def train(cfg: TrainConfig, progress: bool = True, model=None,
             f"(training on {len(have)} of {len(cfg.datasets)} datasets)")
     if not have:
         raise ValueError(f"none of {', '.join(cfg.datasets)} has a train split in {cfg.data}")
+    if cfg.concurrent and len(have) > 1:  # with one dataset there is nothing to share
+        return multilora.train_concurrent(cfg, have, Path(cfg.out), progress, model, frame_cache,
+                                          preset=lambda ds: with_preset(cfg, ds))
     out = Path(cfg.out)
     if cfg.setting == "it":
         return {"it": {**train_one(cfg, have, out, progress, model, frame_cache), "missing_train": missing}}

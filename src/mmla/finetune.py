@@ -1,25 +1,29 @@
-"""The training loop's parts, for text and video alike: micro-batches, dev evaluation, the transformers `Trainer`
-subclass and its logging callback, atomic adapter saving, checkpoint lookup and the CPU mixed precision.
+"""What a LoRA fine-tune is made of, shared by single-adapter training (mmla.training, the transformers `Trainer`)
+and concurrent training (mmla.multilora, one frozen base): the training data of a run, micro-batches, dev
+evaluation and best-adapter selection, LoRA and TrainingArguments from the config, env.json and the summary, the
+run directory's identity, atomic adapter saving, checkpoint lookup and the CPU mixed precision.
 
-mmla.training owns the config, presets and data and calls these; nothing here depends on the modality except
-through the model's `mmla.inputs` seam (media tensors and per-token extras ride along in every batch).
+mmla.training owns the config and presets; nothing here depends on the modality except through the model's
+`mmla.inputs` seam (media tensors and per-token extras ride along in every batch).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import video as video_mod
-from .prompts import candidates, render
+from . import data as data_mod
 from . import runs
-from .runs import read_json, write_json, writing
+from . import video as video_mod
+from .prompts import candidates, render, target
+from .runs import environment, open_run, read_json, write_json, writing
 from .tasks import get_task
 
 IGNORE = -100  # label of the tokens the loss skips: mmla.inputs.IGNORE (not imported: mmla.inputs imports torch)
@@ -257,11 +261,10 @@ class Run:
         self.best = read_json(best) if best.exists() else None
 
     def keep_if_best(self, trainer, metrics: dict) -> None:
-        value = metrics[self.cfg.select_metric]
-        if self.best is not None and value <= self.best["value"]:
+        best = better(self.best, trainer.state.global_step, self.cfg.select_metric, metrics)
+        if best is None:
             return
-        self.best = {"step": trainer.state.global_step, "metric": self.cfg.select_metric, "value": value,
-                     **{k: v for k, v in metrics.items() if k.endswith("accuracy")}}
+        self.best = best
         save_adapter(trainer, self.out / "adapter")
         if trainer.is_world_process_zero():
             write_json(self.out / "best.json", self.best)
@@ -418,3 +421,160 @@ def trainer_classes():
                 self.bar.close()
 
     return MMLATrainer, LogCallback
+
+
+# ---------------------------------------------------------------- the data of a run
+
+# Settings that change the trained weights: a run directory refuses to resume (or to be reused) under different
+# ones. They are compared as the user gave them (None = the default), so the same command always resumes.
+IDENTITY = ("model", "datasets", "setting", "modality", "family", "protocol", "limit", "frames", "num_frames", "fps",
+             "max_pixels", "learning_rate", "num_epochs", "max_steps", "per_device_batch_size",
+             "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "cutoff_len",
+             "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_target")
+
+
+
+def frame_setting(cfg) -> video_mod.FrameSetting:
+    return video_mod.frame_setting(cfg.frames, num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _subset(examples: list, n: int | None, seed: int) -> list:
+    if n is None or n >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+@dataclass
+class Split:
+    items: object  # text: a list of dicts (input_ids, labels); video: VideoItems, built on demand
+    examples: list  # data.Example, aligned with items
+    clips: list | None = None  # video: each example's clip path
+    truncated: int = 0  # text: rows cut at cutoff_len
+    missing: list = field(default_factory=list)  # video: {dataset, id, error} of the rows left out
+
+
+def build_split(cfg, inputs, datasets: list[str], split: str, limit: int | None,
+                subset: bool = False, cache: video_mod.FrameCache | None = None) -> Split:
+    """The rows of `split` as training items through the seam `inputs`. Video: each clip is decoded now (into the
+    frame cache, so the Trainer reads it back); a row whose clip is missing or unreadable is left out and counted."""
+    eot = inputs.end_of_turn(cfg.protocol)
+    video = inputs.modality == "video"
+    finder = video_mod.ClipFinder(cfg.data) if video else None
+    out = Split([], [], [] if video else None)
+    rows_v = []
+    for ds in datasets:
+        rows = data_mod.load_split(Path(cfg.data), ds, split).examples
+        rows = _subset(rows, limit, cfg.seed) if subset else rows[:limit] if limit else rows
+        if video:
+            kept = []
+            for e in rows:
+                clip = finder.find(ds, e.id)
+                error = clip.error
+                if clip.path is not None:
+                    try:
+                        video_mod.load_frames(clip.path, inputs.setting, cache)
+                    except video_mod.ClipError as err:
+                        error = str(err)
+                if error:
+                    out.missing.append({"dataset": ds, "id": e.id, "error": error})
+                    continue
+                kept.append(e)
+                out.clips.append(clip.path)
+            rows = kept
+        chats = inputs.chat([render(ds, cfg.family, e.text, split, inputs.modality) for e in rows], cfg.protocol,
+                            training=True)
+        answers = [target(ds, cfg.family, e.label, split, inputs.modality) + eot for e in rows]
+        if video:
+            rows_v += list(zip(out.clips[len(out.examples):], chats, answers))
+        else:
+            for chat, answer in zip(chats, answers):
+                item, cut = inputs.train_item(chat, answer, cfg.cutoff_len)
+                out.items.append(item)
+                out.truncated += cut
+        out.examples += rows
+    if video:
+        out.items = VideoItems(inputs, rows_v, cfg.cutoff_len, cache)
+    return out
+
+
+# ---------------------------------------------------------------- a run: identity, environment, summary
+
+
+def run_record(cfg, datasets: list[str]) -> dict:
+    """What config.yaml records: the config with the datasets this run trains."""
+    return {**dataclasses.asdict(cfg), "datasets": datasets}
+
+
+def check_identity(out: Path, cfg, datasets: list[str]) -> None:
+    new = run_record(cfg, datasets)
+    open_run(out, {key: new[key] for key in IDENTITY})
+
+
+def load_for_training(cfg, model=None):
+    """(model, tokenizer or processor, device, precision) of a training run: cfg.model loaded in the precision's
+    dtype (or the given (model, tokenizer) pair, for benchmarks), on the CPU until the Trainer moves it."""
+    import torch
+
+    from .models import load_model, pick_device
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    precision = precision_for(cfg, device)
+    if model is not None:
+        return (*model, device, precision)
+    model, tok = load_model(cfg.model, dtype="bfloat16" if precision == "bf16" else "float32", device="cpu",
+                            trust_remote_code=cfg.trust_remote_code, modality=cfg.modality, **placement(cfg))
+    refuse_disk(model, cfg)
+    return model, tok, device, precision
+
+
+def lora_config(cfg, modules):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=modules, task_type="CAUSAL_LM")
+
+
+def training_arguments(cfg, precision: str, device, output_dir: str = "unused", **more):
+    """The TrainingArguments of a run of `cfg`: optimiser, schedule and precision (what a concurrent adapter's
+    optimiser is built from too), plus the Trainer's own settings in `more`."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim, seed=cfg.seed, bf16=precision == "bf16", use_cpu=device.type == "cpu", report_to="none",
+        **more)
+
+
+def better(best: dict | None, step: int, metric: str, metrics: dict) -> dict | None:
+    """The new best.json record when `metrics` beat `best` on `metric` (ties keep the earlier adapter), else None."""
+    value = metrics[metric]
+    if best is not None and value <= best["value"]:
+        return None
+    return {"step": step, "metric": metric, "value": value, **{k: v for k, v in metrics.items()
+                                                               if k.endswith("accuracy")}}
+
+
+def run_env(cfg, device, precision: str, world: int, lora_target, train: Split, dev: Split | None, video: bool,
+            frames: dict, cache, trainable: int, **more) -> dict:
+    """A training run's env.json."""
+    return {
+        **environment(str(device)), "precision": precision, "world_size": world, "lora_target": lora_target,
+        "train_rows": len(train.items), "train_truncated": train.truncated, "dev_rows": len(dev.items) if dev else 0,
+        **({**frames, "train_missing_clips": len(train.missing), "dev_missing_clips": len(dev.missing) if dev else 0,
+            "frame_cache": str(cache.root) if cache.enabled else None} if video else {}),
+        "trainable_parameters": trainable, **more}
+
+
+def summary(out: Path, datasets: list[str], step: int, epoch: float, loss: float, seconds: float, best: dict | None,
+            precision: str, world: int, train: Split, video: bool, **more) -> dict:
+    """A finished adapter's train_result.json."""
+    return {"adapter": str(out / "adapter"), "datasets": datasets, "steps": step, "epochs": round(epoch, 4),
+            "train_loss": loss, "train_runtime_s": round(seconds, 1), "best": best, "precision": precision,
+            "world_size": world, **more, **({"train_missing_clips": len(train.missing)} if video else {})}
