@@ -1,7 +1,7 @@
 """`make demo`: the whole pipeline on the embedded model, beside the paper's numbers, ending with a report.
 
 1. zero-shot on all 12 datasets (the first LIMIT test rows of each) under the official protocol;
-2. `configs/demo.yaml` through `mmla run`: zero-shot and LoRA SFT on MUStARD, each evaluated on its full test split;
+2. the packaged demo config (`configs/demo.yaml` in a checkout) through `mmla run`: zero-shot and LoRA SFT on MUStARD, each evaluated on its full test split;
 3. `mmla report` over the three run directories.
 
 The embedded SmolLM2-135M-Instruct stands in for the paper's Qwen2-1.5B-Instruct (no model hub is reachable
@@ -18,7 +18,8 @@ from .inference import PredictConfig, predict
 
 LIMIT = int(os.environ.get("MMLA_DEMO_LIMIT", "20"))  # test rows per dataset in step 1
 OUT = Path(os.environ.get("MMLA_DEMO_OUT", "demo-out"))
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+# package data, so that `mmla demo` runs from any install (configs/demo.yaml in a checkout links to it)
+CONFIG = Path(__file__).resolve().parent / "resources" / "configs" / "demo.yaml"
 
 
 def run() -> int:
