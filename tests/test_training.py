@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mmla import trainer, training
+from mmla import finetune, training
 from mmla.config import parse_overrides, read_yaml
 from mmla.runs import read_run_config
 from mmla.finetune import IGNORE, Collator, answer_positions
@@ -159,7 +159,7 @@ def test_bf16_frozen_matmuls_keep_fp32_elsewhere(tiny_llama):
     from mmla.models import load_model
 
     model, _ = load_model(str(tiny_llama), dtype="float32", device="cpu")
-    n = trainer.bf16_frozen_matmuls(model)
+    n = finetune.bf16_frozen_matmuls(model)
     assert n == 2 * 7  # 7 projections per layer, the output layer left alone
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
@@ -252,12 +252,12 @@ def test_sigkill_then_resume_from_last_checkpoint(tiny_llama, data_root, tmp_pat
     proc = subprocess.Popen(_train_cmd(tiny_llama, data_root, out), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while trainer.last_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
+    while finetune.last_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    ckpt = trainer.last_checkpoint(out / "checkpoints")
+    ckpt = finetune.last_checkpoint(out / "checkpoints")
     step = int(ckpt.name.split("-")[1])
     assert step < 12 and not (out / "train_result.json").exists()
 

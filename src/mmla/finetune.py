@@ -9,6 +9,7 @@ mmla.training owns the config and presets; nothing here depends on the modality 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
