@@ -176,3 +176,42 @@ def test_sampled_predictions_survive_batching_and_sigkill(tmp_path, tiny_llama, 
     resumed = {(j["dataset"], j["id"], j["sample"]): j["output"] for j in map(json.loads, _lines(preds))}
     assert resumed == runs[1]
     assert json.loads((killed / "metrics.json").read_text()) == metrics
+
+
+def test_a_prompt_longer_than_the_context_is_cut_named_and_marked(data_root, tmp_path, capsys):
+    """A model with a 256-token context: an utterance far longer keeps only the end that fits (prompt + answer
+    tokens), the row is named on stderr in one line and marked in predictions.jsonl and env.json; rows that fit are
+    untouched. With a context the prompt alone overruns, every row is refused, named and marked."""
+    from mmla.tiny import build_tiny_model
+
+    rows = (data_root / "MELD" / "test.tsv").read_text(encoding="utf-8").splitlines()[:4]
+    long_id, long_text = "9999_0", " ".join(f"word{i}" for i in range(400))
+    root = tmp_path / "data"
+    (root / "MELD").mkdir(parents=True)
+    (root / "MELD" / "test.tsv").write_text("\n".join(rows + [f"{long_id}\t{long_text}\tjoy"]) + "\n", encoding="utf-8")
+    model = build_tiny_model("llama", tmp_path / "short", max_positions=256)
+    for mode in ("generate", "score"):
+        out = tmp_path / mode
+        cfg = PredictConfig(model=str(model), data=str(root), datasets=["MELD"], mode=mode, max_new_tokens=8,
+                            threads=1, out=str(out))
+        predict(cfg, progress=False)
+        err = [line for line in capsys.readouterr().err.splitlines() if "longer than the model's context" in line]
+        assert len(err) == 1 and err[0].endswith(f"1 rows: MELD {long_id}"), err
+        recs = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+        cut = recs[long_id]
+        kept = cut["context"]["words_kept"]
+        assert cut["context"]["words"] == 400 and 0 < kept < 400
+        assert " ".join(f"word{i}" for i in range(400 - kept, 400)) in cut["prompt"] and "word0 " not in cut["prompt"]
+        assert cut["text"] == long_text and "output" in cut
+        assert all("context" not in r for i, r in recs.items() if i != long_id) and len(recs) == 4
+        env = json.loads((out / "env.json").read_text())
+        assert env["past_context"] == [f"MELD {long_id}"] and env["context_length"] == 256
+        assert env["context_policy"].startswith("cut the utterance")
+
+    tiny = build_tiny_model("llama", tmp_path / "tiny", max_positions=64)
+    out = tmp_path / "refused"
+    predict(PredictConfig(model=str(tiny), data=str(root), datasets=["MELD"], max_new_tokens=8, threads=1,
+                          out=str(out)), progress=False)
+    recs = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(r["output"] == "" and "refused" in r["context"] for r in recs)
+    assert len(json.loads((out / "env.json").read_text())["past_context"]) == 4

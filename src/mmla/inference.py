@@ -33,6 +33,9 @@ from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, open_run, 
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")
+# A prompt longer than the model's context, as lm-evaluation-harness treats it (it keeps a context's end), but cutting
+# only the utterance, so that the instruction and the label list stay whole; every such row is named and marked.
+CONTEXT_POLICY = "cut the utterance from its start until prompt + answer tokens fit; refuse the row if none fits"
 MODALITIES = ("auto", "text", "video")
 
 
@@ -341,8 +344,22 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
         cands = ([candidates(ex[j].dataset, cfg.family, cfg.split, backend.modality) for j in ok]
                  if cfg.mode == "score" else None)
         rows = backend.prepare([prompts[j] for j in ok], cfg.protocol, fr, cands)
+        context = {}  # rows past the model's context: their utterance cut, or the row refused
+        for r, over in enumerate(backend.excess(rows, new_tokens)):
+            if over:
+                j = ok[r]
+                context[j], fitted = _fit(backend, cfg, ex[j], fr[r] if video else None,
+                                          cands[r] if cands else None, new_tokens)
+                if fitted:
+                    prompts[j], rows[r] = fitted
+        refused = {r for r, j in enumerate(ok) if "refused" in context.get(j, {})}
+        if refused:
+            rows = [x for r, x in enumerate(rows) if r not in refused]
+            cands = [c for r, c in enumerate(cands) if r not in refused] if cands else None
+            ok = [j for r, j in enumerate(ok) if r not in refused]
         timing["seconds_prepare"] += time.perf_counter() - t0
-        return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands)
+        return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands,
+                    context=context)
 
     def record(p: dict, j: int, output: str) -> None:
         e, k = todo[p["chunk"][j]]
@@ -354,6 +371,9 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
             rec["video"] = clip.record(root) if clip.path is not None else None
             if p["errors"][j]:
                 rec["clip_error"] = p["errors"][j]
+        if j in p["context"]:
+            rec["context"] = p["context"][j]
+            past_context.append(f"{e.dataset} {e.id}")
         sink.write(rec)
         bar.update(1)
 
@@ -366,6 +386,8 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
         chunks.append(list(range(start, min(start + size, len(todo)))))
         start += size
     seeds = [row_seed(cfg.seed, e.dataset, e.id, k) for e, k in todo]
+    new_tokens = decoding.max_new_tokens if cfg.mode == "generate" else 0
+    past_context: list[str] = []  # "dataset id" of each row longer than the model's context
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(prepare, chunks[0])
@@ -374,7 +396,7 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
                 if k + 1 < len(chunks):
                     pending = pool.submit(prepare, chunks[k + 1])
                 for j in range(len(p["chunk"])):
-                    if p["errors"][j]:
+                    if p["errors"][j] or "refused" in p["context"].get(j, {}):
                         record(p, j, "")
                 ok = p["ok"]
                 t0 = time.perf_counter()
@@ -390,4 +412,35 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
                 timing["seconds_model"] += time.perf_counter() - t0
     finally:
         bar.close()
-    return {k: round(v, 2) for k, v in timing.items()}
+        if past_context:  # lm-evaluation-harness would cut these silently: say which rows, in one line
+            print(f"longer than the model's context, utterance cut from its start (recorded per row as `context`): "
+                  f"{len(past_context)} rows: {', '.join(past_context)}", file=sys.stderr)
+    return {**{k: round(v, 2) for k, v in timing.items()}, "context_policy": CONTEXT_POLICY,
+            "past_context": past_context}
+
+
+def _fit(backend, cfg: PredictConfig, e: data_mod.Example, frames, cands, new_tokens: int) -> tuple[dict, tuple | None]:
+    """A row past the model's context: the most of the utterance's end that fits (lm-evaluation-harness keeps the
+    end of a context too long for the model), as (record, (prompt, row)); with nothing of it left (the rest of the
+    prompt, or the clip, fills the context alone) the row is refused: (record, None)."""
+    words = e.text.split()
+
+    def attempt(k: int):
+        prompt = render(e.dataset, cfg.family, " ".join(words[len(words) - k:]), cfg.split, backend.modality)
+        row = backend.prepare([prompt], cfg.protocol, [frames] if frames is not None else None,
+                              [cands] if cands is not None else None)[0]
+        return backend.excess([row], new_tokens)[0], prompt, row
+
+    lo, hi, best = 0, len(words) - 1, None  # the most words k < len(words) that fit
+    while lo <= hi:
+        k = (lo + hi) // 2
+        over, prompt, row = attempt(k)
+        if over:
+            hi = k - 1
+        else:
+            best, lo = (k, prompt, row), k + 1
+    if best is None:
+        return {"refused": f"the prompt without its utterance, plus {new_tokens} answer tokens, is longer than the "
+                           f"model's context"}, None
+    k, prompt, row = best
+    return {"words_kept": k, "words": len(words)}, (prompt, row)

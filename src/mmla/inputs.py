@@ -138,6 +138,24 @@ class TextInputs:
     def lora_target(self) -> str:
         return "all-linear"  # every linear layer but the output layer (LLaMA-Factory `all`)
 
+    # ---- the model's context
+    @property
+    def context_length(self) -> int | None:
+        """The positions the model was trained on (its config's max_position_embeddings), or None if unknown."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n = getattr(config, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def excess(self, rows: list, new_tokens: int) -> list[int]:
+        """Per row: how many tokens its prompt (plus the longest candidate's rest, for score rows) and `new_tokens`
+        generated ones run past the model's context; 0 when it fits."""
+        n = self.context_length
+        if n is None:
+            return [0] * len(rows)
+        sizes = [len(r.ids) if isinstance(r, Row) else len(r[0].ids) + max(len(c) for c in r[1]) for r in rows]
+        return [max(0, k + new_tokens - n) for k in sizes]
+
 
 def encode_ids(p: list[int], a: list[int], cutoff: int) -> dict:
     if len(p) + len(a) > cutoff:

@@ -1,7 +1,7 @@
 """Inference backends: what the predict loop (mmla.inference) runs its prompts on, behind one interface.
 
 A backend is built from plain values (`Options`), turns the protocol's prompts (and a video row's frames) into
-whatever it runs (`prepare`), answers them (`generate` greedy, `sample` with a per-row seed, `score` candidate
+whatever it runs (`prepare`), says how far a row overruns the model's context (`excess`), answers them (`generate` greedy, `sample` with a per-row seed, `score` candidate
 continuations), reporting each finished row at once, and says what it is for env.json (`describe`). The loop
 never asks which backend it holds.
 
@@ -52,6 +52,10 @@ class Backend(Protocol):
 
     def prepare(self, prompts: list[str], protocol: str, frames: list | None = None,
                 candidates: list[list[str]] | None = None) -> list: ...
+
+    def excess(self, rows: list, new_tokens: int) -> list[int]:
+        """Per prepared row: the tokens by which it and `new_tokens` answer tokens overrun the model's context
+        (0: it fits, or the context is not known here)."""
 
     def generate(self, rows: list, *, decoding, batch_size: int, on_result: Callable[[int, str], None]) -> None: ...
 

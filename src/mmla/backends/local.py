@@ -40,6 +40,9 @@ class LocalBackend:
             return self.inputs.score_rows(texts, candidates, frames)
         return self.inputs.encode(texts, frames)
 
+    def excess(self, rows, new_tokens: int) -> list[int]:
+        return self.inputs.excess(rows, new_tokens)
+
     def generate(self, rows, *, decoding, batch_size, on_result) -> None:
         from .. import engine
 
@@ -59,7 +62,7 @@ class LocalBackend:
     def describe(self) -> dict:
         from ..models import device_of
 
-        out = {"device": str(device_of(self.model))}
+        out = {"device": str(device_of(self.model)), "context_length": self.inputs.context_length}
         if self.placed:  # where accelerate put each module (GPU index, cpu or disk)
             placed = getattr(self.model, "hf_device_map", None)
             out["hf_device_map"] = {k: str(v) for k, v in placed.items()} if placed else None
