@@ -287,11 +287,10 @@ def cmd_check_data(a) -> int:
 def add_check_data_cli(subparsers) -> None:
     from .tasks import SPLITS
 
-    sp = subparsers.add_parser(
-        "check-data", help="list video clips that are missing or unreadable",
-        description="For every row of the TSVs, find its clip (tolerant of the release's spelling variants) "
-                    "and decode its first frame (--full: every frame the setting samples). "
-                    "Exit status 1 when something is missing or unreadable.")
+    about = ("For every row of the TSVs, find its clip (tolerant of the release's spelling variants) and decode its "
+             "first frame (--full: every frame the setting samples). Exit status 1 when something is missing or "
+             "unreadable.")
+    sp = subparsers.add_parser("check-data", help="list video clips that are missing or unreadable", description=about)
     sp.add_argument("--data", help="data root (default: $MMLA_DATA, else ./data/mmla)")
     sp.add_argument("--datasets", help="video (default) | all | comma-separated names")
     sp.add_argument("--split", choices=SPLITS, help="one split (default: every split present)")
