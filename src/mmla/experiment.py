@@ -35,7 +35,8 @@ from . import data as data_mod
 from . import distributed
 from .config import build, coerce, parse_overrides, read_yaml
 from .inference import PredictConfig, dedupe, predict
-from .runs import claim, open_run, read_run_config, read_json, read_jsonl, write_config, write_json, write_jsonl, write_text
+from .runs import claim, open_run, read_json, read_jsonl, read_run_config, write_config, write_json, write_jsonl, \
+    write_text
 from .tasks import VIDEO_DATASETS, parse_datasets
 from .training import TrainConfig, make_config, model_info, train
 

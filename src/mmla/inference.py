@@ -28,8 +28,8 @@ from . import distributed
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
-from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, open_run, read_run_config, read_jsonl, startup_done, \
-    write_config, write_json
+from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, open_run, read_jsonl, read_run_config, \
+    startup_done, write_config, write_json
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")

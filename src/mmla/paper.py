@@ -18,15 +18,14 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import PurePosixPath, PureWindowsPath
 
-SETTINGS = ("zero-shot", "sft", "it")
+from . import tasks
 
-# The paper's table order: grouped by dimension, as in its figures and the repo's data folders.
-DATASETS = (
-    "MIntRec", "MIntRec2.0", "MELD", "IEMOCAP", "MELD-DA", "IEMOCAP-DA",
-    "MOSI", "Ch-sims", "UR-FUNNY", "MUStARD", "AnnoMi-client", "AnnoMi-therapist",
-)
+PAPER_SETTINGS = ("zero-shot", "sft", "it")  # the paper's experiments (mmla.training trains sft and it)
 
-DIMENSIONS = ("Intent", "Emotion", "Dialogue Act", "Sentiment", "Speaking Style", "Communication Behavior")
+# The paper's table order is the dataset registry's (mmla.tasks): grouped by dimension, as in its figures and the
+# repo's data folders. A dimension is a task's name as the paper writes it ("dialogue_act" -> "Dialogue Act").
+DATASETS = tasks.DATASETS
+DIMENSIONS = tuple(dict.fromkeys(t.task.replace("_", " ").title() for t in tasks.TASKS.values()))
 
 # Our metrics.json spells precision and recall out; the paper's tables write P and R.
 METRIC_ALIASES = {"Precision": "P", "Recall": "R"}

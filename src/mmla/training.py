@@ -58,7 +58,7 @@ from .prompts import PROTOCOLS
 from .runs import claim, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
-SETTINGS = ("sft", "it")
+TRAIN_SETTINGS = ("sft", "it")  # what training trains (mmla.paper.PAPER_SETTINGS adds zero-shot)
 PRESET_NAMES = ("paper", "fast")
 MODALITIES = ("auto", "text", "video")
 EVAL_GEN = ("score", "generate", "none")
@@ -189,10 +189,10 @@ _VIDEO_COMMON = dict(lr_scheduler="cosine", lora_rank=8, lora_alpha=16, lora_dro
 
 
 def setting_of(datasets, setting: str = "auto") -> str:
-    if setting in SETTINGS:
+    if setting in TRAIN_SETTINGS:
         return setting
     if setting != "auto":
-        raise ValueError(f"setting must be one of auto, {', '.join(SETTINGS)}, got '{setting}'")
+        raise ValueError(f"setting must be one of auto, {', '.join(TRAIN_SETTINGS)}, got '{setting}'")
     spec = datasets[0] if isinstance(datasets, (list, tuple)) and len(datasets) == 1 else datasets
     return "it" if spec in ("all", "video") else "sft"
 
@@ -279,8 +279,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if cfg.modality == "video":
             cfg.frames = cfg.frames or family.get("train_frames", "official-train")
     cfg.datasets = _parse(cfg.datasets, cfg.modality)
-    checks = [("preset", PRESET_NAMES), ("setting", SETTINGS), ("modality", MODALITIES[1:]), ("protocol", PROTOCOLS),
-              ("eval_gen", EVAL_GEN), ("select_metric", SELECT), ("precision", PRECISIONS), ("batching", BATCHING)]
+    checks = [("preset", PRESET_NAMES), ("setting", TRAIN_SETTINGS), ("modality", MODALITIES[1:]),
+              ("protocol", PROTOCOLS), ("eval_gen", EVAL_GEN), ("select_metric", SELECT), ("precision", PRECISIONS), ("batching", BATCHING)]
     for key, allowed in checks:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(cfg, key)}'")

@@ -1,9 +1,9 @@
 """Inference backends: what the predict loop (mmla.inference) runs its prompts on, behind one interface.
 
 A backend is built from plain values (`Options`), turns the protocol's prompts (and a video row's frames) into
-whatever it runs (`prepare`), says how far a row overruns the model's context (`excess`), answers them (`generate` greedy, `sample` with a per-row seed, `score` candidate
-continuations), reporting each finished row at once, and says what it is for env.json (`describe`). The loop
-never asks which backend it holds.
+whatever it runs (`prepare`), says how far a row overruns the model's context (`excess`), answers the rows
+(`generate` greedy, `sample` with a per-row seed, `score` candidate continuations), reporting each finished row
+at once, and says what it is for env.json (`describe`). The loop never asks which backend it holds.
 
 The registry maps a `--backend` name to "module:factory"; a module is imported only when its backend is chosen,
 so a backend's own dependencies (openai, vllm, ...) are needed only by the runs that use it. Adding a backend is
