@@ -280,7 +280,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             cfg.frames = cfg.frames or family.get("train_frames", "official-train")
     cfg.datasets = _parse(cfg.datasets, cfg.modality)
     checks = [("preset", PRESET_NAMES), ("setting", TRAIN_SETTINGS), ("modality", MODALITIES[1:]),
-              ("protocol", PROTOCOLS), ("eval_gen", EVAL_GEN), ("select_metric", SELECT), ("precision", PRECISIONS), ("batching", BATCHING)]
+              ("protocol", PROTOCOLS), ("eval_gen", EVAL_GEN), ("select_metric", SELECT), ("precision", PRECISIONS),
+              ("batching", BATCHING)]
     for key, allowed in checks:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(cfg, key)}'")
