@@ -110,7 +110,7 @@ def run_concurrent(args, workdir: Path) -> dict:
     import torch
 
     from mmla.multilora import train_concurrent
-    from mmla.training import make_config, train_one
+    from mmla.training import make_config, train_one, with_preset
 
     names = [d for d in args.datasets.split(",") if d.strip()][: args.concurrent]
     if len(names) < args.concurrent:
@@ -126,7 +126,8 @@ def run_concurrent(args, workdir: Path) -> dict:
     print(f"--- concurrent: {len(names)} adapters", file=sys.stderr, flush=True)
     con = workdir / "concurrent"
     t0 = time.time()
-    train_concurrent(cfg, names, con, progress=not args.no_progress, model=_model(args))
+    train_concurrent(cfg, names, con, progress=not args.no_progress, model=_model(args),
+                     preset=lambda ds: with_preset(cfg, ds))
     con_wall = time.time() - t0
     joint = _read(con / "joint_log.jsonl")[args.warmup:]
     con_tokens = sum(r["tokens"] for r in joint)
