@@ -399,10 +399,10 @@ def _setup(cfg, datasets: list[str], out: Path, model, frame_cache, preset):
 
 
 def train_concurrent(cfg, datasets: list[str], out: Path, progress: bool = True, model=None,
-                     frame_cache: video_mod.FrameCache | None = None, *, preset=None) -> dict:
+                     frame_cache: video_mod.FrameCache | None = None, *, preset) -> dict:
     """Train one LoRA adapter per dataset, all at once over one frozen base, into <out>/<DS>/. Resumes from
     <out>/checkpoint; skips adapters already finished. `model`: an already loaded (model, tokenizer or processor)
-    pair (benchmarks); `preset(ds)`: the config of that dataset's adapter (mmla.training.with_preset; default cfg).
+    pair (benchmarks); `preset(ds)`: the config of that dataset's adapter (mmla.training.with_preset).
     Returns {dataset: summary}; mmla.training.train calls this for a config with `concurrent`. One writer per run
     directory: another process in `out` or in one of its <DS> directories is refused."""
     _check_config(cfg, datasets)
@@ -410,7 +410,7 @@ def train_concurrent(cfg, datasets: list[str], out: Path, progress: bool = True,
     with contextlib.ExitStack() as held:
         for d in [out] + [out / ds for ds in datasets]:
             held.enter_context(claim(d, "train"))
-        return _train_concurrent(cfg, datasets, out, progress, model, frame_cache, preset or (lambda ds: cfg))
+        return _train_concurrent(cfg, datasets, out, progress, model, frame_cache, preset)
 
 
 def _train_concurrent(cfg, datasets: list[str], out: Path, progress: bool, model, frame_cache, preset) -> dict:
