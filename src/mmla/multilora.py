@@ -29,8 +29,9 @@ Resume: every `save_steps` joint steps a checkpoint (all adapters' weights, opti
 is written to <out>/.checkpoint.tmp and renamed to <out>/checkpoint; rerunning resumes from it. <out>/concurrent.json
 records the dataset set and preset; a rerun with others is refused.
 
-This module sits above mmla.training (whose config, data and separate runs it reuses); `mmla train --concurrent`
-(mmla.cli) and `sft: {concurrent: true}` (mmla.experiment) call `train` here.
+This module sits below mmla.training, whose `train` calls `train_concurrent` for a config with `concurrent`
+(`mmla train --concurrent`, `sft: {concurrent: true}` in `mmla run`); the parts a separate run uses too (the run's
+data, identity, LoRA config, TrainingArguments, best-adapter selection, env.json, summary) are mmla.finetune's.
 """
 
 from __future__ import annotations
