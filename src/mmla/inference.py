@@ -313,6 +313,17 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     return result
 
 
+def candidate_probs(scored) -> list[float]:
+    """A scored row's candidate probabilities, normalised over the candidates (softmax of their log-likelihoods),
+    6 decimals: what calibration reads."""
+    import math
+
+    top = max(scored.scores)
+    w = [math.exp(s - top) for s in scored.scores]
+    total = sum(w)
+    return [round(x / total, 6) for x in w]
+
+
 def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict:
     """load_model's placement arguments: one device, or --device-map auto over this rank's GPUs, then CPU, then
     an offload folder in the run directory."""
@@ -379,11 +390,13 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
         timing["seconds_prepare"] += time.perf_counter() - t0
         return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands)
 
-    def record(p: dict, j: int, output: str) -> None:
+    def record(p: dict, j: int, output: str, probs: list[float] | None = None) -> None:
         e, k = todo[p["chunk"][j]]
         rec = {"dataset": e.dataset, "split": e.split, "id": e.id, **({"sample": k} if cfg.num_samples > 1 else {}),
                "text": e.text, "label": e.label, "prompt": p["prompts"][j], "output": output,
                "pred": parse_output(output, get_task(e.dataset).labels)}
+        if probs is not None:  # score mode: the candidates' probabilities, in the candidate (= task label) order
+            rec["probs"] = probs
         if video:
             clip = p["clips"][j]
             rec["video"] = clip.record(root) if clip.path is not None else None
@@ -419,7 +432,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
                                     on_result=lambda r, text: record(p, ok[r], text))
                 else:  # the chosen answer string, e.g. "emotion: joy"
                     runner.score(model, inputs, p["rows"], batch_size=cfg.batch_size,
-                                 on_result=lambda r, s: record(p, ok[r], p["cands"][r][s.best]))
+                                 on_result=lambda r, s: record(p, ok[r], p["cands"][r][s.best], candidate_probs(s)))
                 timing["seconds_model"] += time.perf_counter() - t0
     finally:
         bar.close()
