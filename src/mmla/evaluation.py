@@ -271,6 +271,20 @@ def format_table(result: dict, reference: dict[str, float] | None = None) -> str
             v = reference.get(ds)
             ref = f"{v:>11.2f}" if v is not None else f"{'-':>11}"
         lines.append(f"{ds:<22}{cells}{ref}")
+    if "bootstrap" in result:
+        b = result["bootstrap"]
+        lines += ["", f"95% intervals (percentile bootstrap over utterances, {b['resamples']} resamples, seed "
+                      f"{b['seed']}; the average resamples within each dataset)",
+                  f"{'dataset':<22}" + "".join(f"{c:>14}" for c in METRICS)]
+        for ds, m in rows:
+            if "ci95" in m:
+                lines.append(f"{ds:<22}" + "".join(f"{f'{lo:.2f}-{hi:.2f}':>14}" for lo, hi in
+                                                   (m["ci95"][c] for c in METRICS)))
+    cal = [(ds, m["calibration"]) for ds, m in rows if "calibration" in m]
+    if cal:
+        lines += ["", f"calibration of the candidate probabilities (ECE: {cal[0][1]['bins']} equal-width bins of "
+                      f"the top probability, x100; Brier: multi-class, 0..2)"]
+        lines += [f"{ds:<22}{'ECE':>8}{c['ECE']:>8.2f}{'Brier':>8}{c['Brier']:>8.4f}" for ds, c in cal]
     if "samples" in result:
         s = result["samples"]
         lines.append(f"(majority vote over {s['k']} sampled answers per row; single draws: "

@@ -155,11 +155,14 @@ def bootstrap_p(diffs: np.ndarray) -> float:
 def mcnemar_exact(a_right: np.ndarray, b_right: np.ndarray) -> float:
     """Exact McNemar test: two-sided binomial test (p = 1/2) on the discordant pairs (rows where exactly one run is
     right). 1.0 when there are none."""
+    a_right, b_right = np.asarray(a_right, bool), np.asarray(b_right, bool)
+    return mcnemar_counts(int(np.sum(a_right & ~b_right)), int(np.sum(~a_right & b_right)))
+
+
+def mcnemar_counts(only_a: int, only_b: int) -> float:
+    """Exact McNemar from the discordant counts: rows only A got right, rows only B got right."""
     from scipy.stats import binomtest
 
-    a_right, b_right = np.asarray(a_right, bool), np.asarray(b_right, bool)
-    only_a = int(np.sum(a_right & ~b_right))
-    only_b = int(np.sum(~a_right & b_right))
     if only_a + only_b == 0:
         return 1.0
     return float(binomtest(only_b, only_a + only_b, 0.5, alternative="two-sided").pvalue)
