@@ -99,7 +99,8 @@ def test_html_is_self_contained(two_runs):
     _, _, html = two_runs
     page = html.read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 1 + 2 * (2 + 3)  # comparison; per run: ACC, dimensions, 3 confusion matrices
+    # comparison; per run: ACC, dimensions, 3 confusion matrices; the pair: both runs' 3 matrices side by side
+    assert len(sources) == 1 + 2 * (2 + 3) + 2 * 3
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

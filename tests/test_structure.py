@@ -10,14 +10,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mmla"
 LAYERS = [
     {"__init__", "tasks", "config", "errors", "stats"},
     {"data", "prompts", "evaluation", "runs", "paper"},
-    {"video", "models", "compare"},
+    {"video", "models", "compare", "plots"},
     {"tiny", "inputs"},
     {"engine", "openai_backend"},
     {"trainer", "distributed"},
     {"inference", "training"},
     {"multilora"},
     {"experiment"},
-    {"report", "export"},
+    {"report", "report_stats", "export"},
     {"demo"},
     {"cli"},
 ]
