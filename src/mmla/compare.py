@@ -18,8 +18,8 @@ import numpy as np
 
 from . import stats
 from .data import normalize_label
-from .evaluation import METRICS, _check, compute_metrics, label_indices, parse_output, unique_records, \
-    weighted_average
+from .evaluation import METRICS, check_records, compute_metrics, label_indices, parse_output, unique_records
+from .evaluation import weighted_average
 from .tasks import get_task
 
 
@@ -44,7 +44,7 @@ def read_predictions(path: Path) -> list[dict]:
     if not records:
         raise ValueError(f"{path}: no predictions in this file")
     try:
-        _check(records)
+        check_records(records)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     for n, r in enumerate(records, 1):

@@ -140,7 +140,7 @@ def calibration(records: list[dict], task) -> dict | None:
             "binning": f"{stats.ECE_BINS} equal-width bins of the top candidate's probability"}
 
 
-def _check(records: list[dict]) -> None:
+def check_records(records: list[dict]) -> None:
     """Every record a JSON object with a known dataset and string label / output: else one line naming it."""
     if not records:
         raise ValueError("no records to evaluate")
@@ -183,7 +183,7 @@ def evaluate_records(records: list[dict], *, seed: int | None = stats.SEED, resa
     record). Returns {"per_dataset": ..., "average": ..., "duplicates_dropped": n, "bootstrap": ...}; each figure's
     95% interval is under `ci95` beside it (seed=None: no intervals), calibration under `calibration` for rows
     with candidate probabilities."""
-    _check(records)
+    check_records(records)
     records, dropped = unique_records(records)
     by_ds: dict[str, tuple[list, list]] = {}
     rows: dict[str, list[dict]] = {}
@@ -216,7 +216,7 @@ def evaluate_samples(records: list[dict], *, seed: int | None = stats.SEED,
     import statistics
     from collections import Counter
 
-    _check(records)
+    check_records(records)
     records, dropped = unique_records(records)
     draws: dict[int, list[dict]] = {}
     for r in records:

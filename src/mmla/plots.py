@@ -85,8 +85,9 @@ def plot_reliability(bins: list[dict], title: str, path: Path) -> Path:
     total = sum(b["n"] for b in full) or 1
     ax.bar([(b["lo"] + b["hi"]) / 2 for b in full], [b["accuracy"] for b in full], width=bins[0]["hi"] - bins[0]["lo"],
            color="#3b6fb6", alpha=0.35, edgecolor="#3b6fb6", label="accuracy per bin")
-    ax.scatter([b["confidence"] for b in full], [b["accuracy"] for b in full],
-               s=[20 + 200 * b["n"] / total for b in full], color="#3b6fb6", zorder=3, label="(mean confidence, accuracy)")
+    sizes = [20 + 200 * b["n"] / total for b in full]
+    ax.scatter([b["confidence"] for b in full], [b["accuracy"] for b in full], s=sizes, color="#3b6fb6", zorder=3,
+               label="(mean confidence, accuracy)")
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
     ax.set_title(title, fontsize=10)
     ax.legend(frameon=False, fontsize=7, loc="upper left")
