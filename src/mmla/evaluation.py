@@ -271,16 +271,18 @@ def format_table(result: dict, reference: dict[str, float] | None = None) -> str
             v = reference.get(ds)
             ref = f"{v:>11.2f}" if v is not None else f"{'-':>11}"
         lines.append(f"{ds:<22}{cells}{ref}")
+    # the main table's average line is named once in the output (a launcher's log shows one report per run)
+    named = [*result["per_dataset"].items(), ("average (pooled)", result["average"])]
     if "bootstrap" in result:
         b = result["bootstrap"]
         lines += ["", f"95% intervals (percentile bootstrap over utterances, {b['resamples']} resamples, seed "
                       f"{b['seed']}; the average resamples within each dataset)",
                   f"{'dataset':<22}" + "".join(f"{c:>14}" for c in METRICS)]
-        for ds, m in rows:
+        for ds, m in named:
             if "ci95" in m:
                 lines.append(f"{ds:<22}" + "".join(f"{f'{lo:.2f}-{hi:.2f}':>14}" for lo, hi in
                                                    (m["ci95"][c] for c in METRICS)))
-    cal = [(ds, m["calibration"]) for ds, m in rows if "calibration" in m]
+    cal = [(ds, m["calibration"]) for ds, m in named if "calibration" in m]
     if cal:
         lines += ["", f"calibration of the candidate probabilities (ECE: {cal[0][1]['bins']} equal-width bins of "
                       f"the top probability, x100; Brier: multi-class, 0..2)"]
