@@ -90,6 +90,7 @@ def load_run(run_dir: Path) -> Run:
     metrics = _read_json(run_dir / "metrics.json")
     if not isinstance(metrics.get("per_dataset"), dict):
         raise ValueError(f"{run_dir / 'metrics.json'}: no 'per_dataset' table")
+    metrics = report_stats.fill_intervals(metrics, predictions)
     return Run(run_dir, run_label(config, run_dir), config, env, metrics, predictions, train_log)
 
 

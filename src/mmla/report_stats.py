@@ -10,7 +10,7 @@ import numpy as np
 
 from . import stats
 from .compare import compare_runs, pair, row_answers
-from .evaluation import METRICS
+from .evaluation import METRICS, evaluate_records
 from .plots import image, plot_confusion, plot_reliability
 from .tasks import get_task
 
@@ -20,6 +20,25 @@ CAVEAT = ("A difference in checkpoint revision or hardware (and the library vers
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in text).strip("-") or "x"
+
+
+def fill_intervals(metrics: dict, predictions: list[dict]) -> dict:
+    """metrics.json written before intervals existed: compute them from the run's predictions (seed 0) when those
+    give the same datasets and row counts as the figures, so old runs get whiskers too."""
+    if metrics.get("bootstrap") or not predictions:
+        return metrics
+    try:
+        fresh = evaluate_records(predictions)
+    except (ValueError, KeyError, TypeError):  # predictions a report can show but not re-evaluate
+        return metrics
+    per = metrics.get("per_dataset") or {}
+    if {ds: m.get("n") for ds, m in per.items()} != {ds: m["n"] for ds, m in fresh["per_dataset"].items()}:
+        return metrics
+    out = {**metrics, "bootstrap": fresh["bootstrap"],
+           "per_dataset": {ds: {**m, "ci95": fresh["per_dataset"][ds]["ci95"]} for ds, m in per.items()}}
+    if isinstance(metrics.get("average"), dict):
+        out["average"] = {**metrics["average"], "ci95": fresh["average"]["ci95"]}
+    return out
 
 
 def interval_notes(rows: list[dict], metrics: dict, outside_mark: str) -> list[str]:
