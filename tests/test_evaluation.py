@@ -84,3 +84,35 @@ def test_evaluate_cli_json(tmp_path):
     table = subprocess.run([sys.executable, "-m", "mmla.cli", "evaluate", str(p)],
                            capture_output=True, text=True, check=True).stdout
     assert "MOSI" in table and "average" in table
+
+
+def test_evaluate_prints_seeded_intervals(tmp_path):
+    """metrics carry a 95% interval per figure, per dataset and pooled; the seed and resamples are recorded and the
+    same seed gives the same intervals; the table prints them."""
+    import random
+
+    rng = random.Random(0)
+    labels = ["neutral", "joy", "sadness", "anger"]
+    rows = [{"dataset": "MELD", "split": "test", "id": str(i), "label": (g := rng.choice(labels)),
+             "output": g if rng.random() < 0.5 else rng.choice(labels + ["no idea"])} for i in range(80)]
+    rows += [{"dataset": "MOSI", "split": "test", "id": str(i), "label": (g := rng.choice(["positive", "negative"])),
+              "output": g if rng.random() < 0.7 else "positive"} for i in range(40)]
+    p = tmp_path / "preds.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "mmla.cli", "evaluate", str(p), *extra],
+                              capture_output=True, text=True, check=True).stdout
+
+    first, again = json.loads(run("--json", "--seed", "4", "--resamples", "3000")), json.loads(
+        run("--json", "--seed", "4", "--resamples", "3000"))
+    assert first == again
+    assert first["bootstrap"]["seed"] == 4 and first["bootstrap"]["resamples"] == 3000
+    for block in (*first["per_dataset"].values(), first["average"]):
+        for m in ("ACC", "F1", "Precision", "Recall", "WF1", "WP"):
+            lo, hi = block["ci95"][m]
+            assert lo <= block[m] <= hi and hi - lo > 0
+            assert block["ci95"]["strict"][m][0] <= block["strict"][m] <= block["ci95"]["strict"][m][1]
+    table = run("--resamples", "3000", "--seed", "4")
+    meld = first["per_dataset"]["MELD"]["ci95"]["ACC"]
+    assert "95% intervals" in table and f"{meld[0]:.2f}-{meld[1]:.2f}" in table

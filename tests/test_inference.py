@@ -79,6 +79,17 @@ def test_embedded_model_score_mode_never_unparsed(tmp_path, data_root):
                                 limit=4, mode="score", protocol="clean", out=str(tmp_path / "s")), progress=False)
     assert all(m["unparsed"] == 0.0 for m in res["per_dataset"].values())
     assert res["average"]["n"] == 12
+    # each row keeps its candidates' probabilities (task label order); the chosen answer is the most probable
+    from mmla.tasks import get_task
+
+    for line in _lines(tmp_path / "s" / "predictions.jsonl"):
+        rec = json.loads(line)
+        labels = [l.lower() for l in get_task(rec["dataset"]).labels]
+        assert len(rec["probs"]) == len(labels) and abs(sum(rec["probs"]) - 1) < 1e-4
+        assert labels[max(range(len(labels)), key=rec["probs"].__getitem__)] == rec["pred"]
+    for m in (*res["per_dataset"].values(), res["average"]):
+        assert 0 <= m["calibration"]["ECE"] <= 100 and 0 <= m["calibration"]["Brier"] <= 2
+        assert m["ci95"]["ACC"][0] <= m["ACC"] <= m["ci95"]["ACC"][1]
 
 
 def test_readme_commands_rerun_as_typed(tmp_path, data_root):

@@ -99,7 +99,8 @@ def test_html_is_self_contained(two_runs):
     _, _, html = two_runs
     page = html.read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 1 + 2 * (2 + 3)  # comparison; per run: ACC, dimensions, 3 confusion matrices
+    # comparison; per run: ACC, dimensions, 3 confusion matrices; the pair: both runs' 3 matrices side by side
+    assert len(sources) == 1 + 2 * (2 + 3) + 2 * 3
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -185,3 +186,14 @@ def test_same_labels_get_distinct_folders_and_bad_json_is_named(tmp_path):
     (second / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match="metrics.json: not valid JSON"):
         load_run(second)
+
+
+def test_a_run_from_before_intervals_gets_them_from_its_predictions(tmp_path):
+    run = make_run(tmp_path / "runs", "old", seed=3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    old = {"per_dataset": {ds: {k: v for k, v in m.items() if k != "ci95"} for ds, m in metrics["per_dataset"].items()},
+           "average": {k: v for k, v in metrics["average"].items() if k != "ci95"}}
+    (run / "metrics.json").write_text(json.dumps(old))
+    loaded = load_run(run)
+    assert loaded.metrics["per_dataset"]["MELD"]["ci95"] == metrics["per_dataset"]["MELD"]["ci95"]
+    assert loaded.metrics["average"]["ci95"] == metrics["average"]["ci95"]

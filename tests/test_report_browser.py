@@ -82,12 +82,40 @@ def test_report_renders_in_chromium(browser, tmp_path):
     assert f"{meld_acc:.2f}" in meld_row.text
     assert "43.56" in meld_row.text  # the paper's Qwen2-1.5B zero-shot MELD ACC
 
-    # Every image decoded: comparison + per run (ACC, dimensions, [training], 12 confusion matrices).
+    # Every image decoded: comparison + per run (ACC, dimensions, [training], 12 confusion matrices) + the two
+    # runs' confusion matrices side by side (12 datasets x 2).
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
-    assert len(images) == 1 + (2 + 12) + (3 + 12)
+    assert len(images) == 1 + (2 + 12) + (3 + 12) + 2 * 12
     broken = [alt for alt, complete, width in images if not complete or width == 0]
     assert not broken, f"images that did not load: {broken}"
+
+    # Intervals: a 95% CI column holding metrics.json's interval, whiskers on the ACC figure (its legend says so
+    # only when they are drawn: checked on the PNG's size is not enough, so the figure's caption names them).
+    ci = json.loads((zero / "metrics.json").read_text())["per_dataset"]["MELD"]["ci95"]["ACC"]
+    assert f"{ci[0]:.2f}–{ci[1]:.2f}" in meld_row.text
+    assert "whiskers" in browser.find_element("xpath", "//section[contains(@class,'run')]//figcaption").text
+    # The paper mark: a paper figure outside our interval carries it, with the caveat beside the table.
+    metrics = json.loads((zero / "metrics.json").read_text())["per_dataset"]
+    mosi = metrics["MOSI"]
+    assert not mosi["ci95"]["ACC"][0] <= 80.17 <= mosi["ci95"]["ACC"][1]  # the paper's MOSI ACC, far above ours
+    mosi_row = browser.find_element("xpath", "//section[contains(@class,'run')][1]//tr[td[1]='MOSI']")
+    assert "80.17 ◆" in mosi_row.text
+    assert browser.find_elements("css selector", "section.run td.paper.mark")
+    notes = browser.find_element("css selector", "section.run .notes").text
+    assert "outside this run's 95% interval" in notes and "checkpoint revision or hardware" in notes
+    assert "not a proof of error" in notes
+    # Where the two runs differ: per-class F1 differences with intervals, confusion matrices side by side.
+    pair = browser.find_element("css selector", "section.pair")
+    assert "Qwen2-1.5B SFT (B) vs Qwen2-1.5B zero-shot (A)" in pair.text
+    classes = pair.find_elements("css selector", "table.perclass tbody tr")
+    assert len(classes) > 12
+    first = [td.text for td in classes[0].find_elements("tag name", "td")]
+    assert first[0] == "MIntRec" and first[6].startswith("[") and first[5][0] in "+-"
+    sides = pair.find_elements("css selector", ".figures.sidebyside")
+    assert len(sides) == 12 and all(len(s.find_elements("tag name", "img")) == 2 for s in sides)
+    left, right = (img.rect for img in sides[0].find_elements("tag name", "img"))
+    assert right["x"] > left["x"] + left["width"] - 1 and abs(right["y"] - left["y"]) < 40  # beside, not below
 
     shot = _save_screenshot(browser, tmp_path)
     assert shot.stat().st_size > 10_000
@@ -111,6 +139,13 @@ def test_report_of_a_real_run_in_chromium(browser, tmp_path, data_root):
         assert f"{ours[ds]['ACC']:.2f}" in row.text
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
-    assert len(images) == 2 + len(datasets)  # ACC vs paper, dimensions, one confusion matrix per dataset
+    # ACC vs paper, dimensions, the reliability diagram (score mode keeps candidate probabilities), one confusion
+    # matrix per dataset
+    assert len(images) == 3 + len(datasets)
     assert all(complete and width > 0 for _, complete, width in images), images
+    assert any(alt.startswith("reliability diagram") for alt, _, _ in images)
+    calibration = browser.find_element("xpath", "//h3[text()='Calibration of the candidate probabilities']/"
+                                                "following-sibling::div[1]")
+    meld = calibration.find_element("xpath", ".//tr[td[1]='MELD']").text
+    assert f"{ours['MELD']['calibration']['ECE']:.2f}" in meld and "equal-width bins" in calibration.text
     _save_screenshot(browser, tmp_path)

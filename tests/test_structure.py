@@ -8,9 +8,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mmla"
 
 # Bottom to top. A module may import modules of its own layer or below, never above.
 LAYERS = [
-    {"__init__", "tasks", "config", "errors"},
+    {"__init__", "tasks", "config", "errors", "stats"},
     {"data", "prompts", "evaluation", "runs", "paper"},
-    {"video", "models"},
+    {"video", "models", "compare", "plots"},
     {"tiny", "inputs"},
     {"backends"},
     {"engine", "backends.local", "backends.openai"},
@@ -18,7 +18,7 @@ LAYERS = [
     {"inference", "multilora"},
     {"training"},
     {"experiment"},
-    {"report", "export"},
+    {"report", "report_stats", "export"},
     {"demo"},
     {"cli"},
 ]

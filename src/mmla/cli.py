@@ -65,13 +65,26 @@ def cmd_evaluate(a) -> int:
     if not records:
         raise ValueError(f"{path}: no predictions in this file")
     try:
-        result = evaluate_samples(records)
+        result = evaluate_samples(records, seed=a.seed, resamples=a.resamples)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     if result["duplicates_dropped"]:
         print(f"{path}: {result['duplicates_dropped']} duplicate records of one (dataset, split, id, sample) "
               f"dropped; the last of each is counted", file=sys.stderr)
     print(json.dumps(result, indent=2) if a.json else format_table(result))
+    return 0
+
+
+# ---------------------------------------------------------------- compare
+
+
+def cmd_compare(a) -> int:
+    from .compare import compare_runs, format_comparison, left_out_line, read_predictions
+
+    result = compare_runs(read_predictions(a.run_a), read_predictions(a.run_b), seed=a.seed,
+                          resamples=a.resamples)
+    print(left_out_line(result["rows"]), file=sys.stderr)
+    print(json.dumps(result, indent=2) if a.json else format_comparison(result, str(a.run_a), str(a.run_b)))
     return 0
 
 
@@ -338,10 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=_positive_int)
     sp.set_defaults(func=cmd_prompts)
 
-    sp = sub.add_parser("evaluate", help="official parser + metrics over a predictions JSONL")
+    def bootstrap_args(sp):
+        sp.add_argument("--seed", type=int, default=0, help="bootstrap seed (same seed, same intervals)")
+        sp.add_argument("--resamples", type=_positive_int, default=10_000, help="bootstrap resamples")
+
+    sp = sub.add_parser("evaluate", help="official parser + metrics (with 95%% intervals) over a predictions JSONL")
     sp.add_argument("predictions")
     sp.add_argument("--json", action="store_true")
+    bootstrap_args(sp)
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("compare", help="is a difference real? two runs paired by row: differences, 95%% "
+                                        "intervals, p-values (Holm across datasets), McNemar",
+                        description="Compare two runs over the rows both have, paired by (dataset, split, id).")
+    sp.add_argument("run_a", metavar="RUN_A", help="a run directory or its predictions.jsonl")
+    sp.add_argument("run_b", metavar="RUN_B", help="a run directory or its predictions.jsonl")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    bootstrap_args(sp)
+    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("predict", help="zero-shot (or adapter) inference, then evaluation")
     data_args(sp)

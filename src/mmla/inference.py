@@ -280,6 +280,17 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     return result
 
 
+def candidate_probs(scored) -> list[float]:
+    """A scored row's candidate probabilities, normalised over the candidates (softmax of their log-likelihoods),
+    6 decimals: what calibration reads."""
+    import math
+
+    top = max(scored.scores)
+    w = [math.exp(s - top) for s in scored.scores]
+    total = sum(w)
+    return [round(x / total, 6) for x in w]
+
+
 def _frames(cfg: PredictConfig) -> dict:
     return {"name": cfg.frames, "num_frames": cfg.num_frames, "fps": cfg.fps, "max_pixels": cfg.max_pixels}
 
@@ -361,11 +372,13 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
         return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands,
                     context=context)
 
-    def record(p: dict, j: int, output: str) -> None:
+    def record(p: dict, j: int, output: str, probs: list[float] | None = None) -> None:
         e, k = todo[p["chunk"][j]]
         rec = {"dataset": e.dataset, "split": e.split, "id": e.id, **({"sample": k} if cfg.num_samples > 1 else {}),
                "text": e.text, "label": e.label, "prompt": p["prompts"][j], "output": output,
                "pred": parse_output(output, get_task(e.dataset).labels)}
+        if probs is not None:  # score mode: the candidates' probabilities, in the candidate (= task label) order
+            rec["probs"] = probs
         if video:
             clip = p["clips"][j]
             rec["video"] = clip.record(root) if clip.path is not None else None
@@ -402,7 +415,7 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
                 t0 = time.perf_counter()
                 if cfg.mode == "score":  # the chosen answer string, e.g. "emotion: joy"
                     backend.score(p["rows"], batch_size=cfg.batch_size,
-                                  on_result=lambda r, s: record(p, ok[r], p["cands"][r][s.best]))
+                                  on_result=lambda r, s: record(p, ok[r], p["cands"][r][s.best], candidate_probs(s)))
                 elif decoding.do_sample:  # each row draws from its own generator (mmla.inference.row_seed)
                     backend.sample(p["rows"], decoding=decoding, seeds=[seeds[p["chunk"][j]] for j in ok],
                                    batch_size=cfg.batch_size, on_result=lambda r, text: record(p, ok[r], text))

@@ -9,15 +9,16 @@ Output layout of `build_report(run_dirs, out_dir)`:
     report.md           the same tables, figures linked
     summary.csv         one row per run
     comparison.csv/png  ACC per dataset across runs (with 2+ runs)
+    pairs/<A>--vs--<B>/ confusion matrices of each later run and the first, side by side, over their shared rows
     runs/<label>/       table.csv, table.md and the run's PNG figures
 """
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,35 +29,25 @@ from pathlib import Path
 import yaml
 from jinja2 import Environment
 
-from . import __version__, paper
+from . import __version__, paper, report_stats
+from .plots import confusion_counts, plot_confusion, plt  # noqa: F401  (confusion_counts: the API)
+from .plots import image as _image
+from .plots import save as _save
 from .runs import read_jsonl, write_text, writing
 
 
-class _Pyplot:
-    """matplotlib.pyplot, imported on first use: it costs about a second, which every `mmla` command would pay
-    (cli registers `report` at start) though only a report draws."""
-
-    def __getattr__(self, name):
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on servers and in CI
-        import matplotlib.pyplot
-
-        return getattr(matplotlib.pyplot, name)
-
-
-plt = _Pyplot()
-
 METRICS = ("ACC", "F1", "Precision", "Recall", "WF1", "WP")
-UNPARSED = ("unknown", "multi")
 OURS_COLOR, PAPER_COLOR = "#3b6fb6", "#b9bec7"
+OUTSIDE_MARK = "◆"  # beside a paper figure that lies outside our 95% interval
 
 # Columns of the rendered per-run table: (header, row key, kind). Paper columns are dropped for runs the
 # paper has no numbers for. The CSV keeps every metric with its paper value and difference.
 DISPLAY_COLUMNS = [
     ("dataset", "dataset", "text"), ("n", "n_shown", "text"),
     ("ACC", "ACC", "num"), ("paper ACC", "paper_ACC_shown", "paper"), ("Δ ACC", "delta_ACC", "delta"),
-    ("WF1", "WF1", "num"), ("paper WF1", "paper_WF1", "paper"), ("Δ WF1", "delta_WF1", "delta"),
+    ("ACC 95% CI", "ci_ACC_shown", "ci"),
+    ("WF1", "WF1", "num"), ("paper WF1", "paper_WF1_shown", "paper"), ("Δ WF1", "delta_WF1", "delta"),
+    ("WF1 95% CI", "ci_WF1_shown", "ci"),
     ("F1", "F1", "num"), ("Precision", "Precision", "num"), ("Recall", "Recall", "num"), ("WP", "WP", "num"),
     ("strict ACC", "strict_ACC", "num"), ("strict F1", "strict_F1", "num"), ("unparsed %", "unparsed", "num"),
 ]
@@ -100,6 +91,7 @@ def load_run(run_dir: Path) -> Run:
     metrics = _read_json(run_dir / "metrics.json")
     if not isinstance(metrics.get("per_dataset"), dict):
         raise ValueError(f"{run_dir / 'metrics.json'}: no 'per_dataset' table")
+    metrics = report_stats.fill_intervals(metrics, predictions)
     return Run(run_dir, run_label(config, run_dir), config, env, metrics, predictions, train_log)
 
 
@@ -180,12 +172,27 @@ def dataset_rows(run: Run) -> list[dict]:
             row[f"paper_{metric}"] = cell.value if cell else None
             row[f"delta_{metric}"] = _diff(m.get(metric), row[f"paper_{metric}"])
             row[f"strict_{metric}"] = (m.get("strict") or {}).get(metric)
+        _interval(row, m.get("ci95") or {})
         acc_cell = paper.paper_value(ref[0], ref[1], ds, "ACC") if ref else None
         row["paper_ACC_note"] = acc_cell.note if acc_cell else ""
         row["paper_ACC_alt"] = acc_cell.alt_value if acc_cell else None
-        row["paper_ACC_shown"] = _fmt(row["paper_ACC"]) + ("†" if acc_cell and acc_cell.conflict else "")
+        row["paper_ACC_shown"] = (_fmt(row["paper_ACC"]) + ("†" if acc_cell and acc_cell.conflict else "")
+                                  + (f" {OUTSIDE_MARK}" if row.get("outside_ACC") else ""))
         rows.append(row)
     return rows
+
+
+def _interval(row: dict, ci: dict) -> None:
+    """Per metric the 95% interval (`ci_<metric>`, shown as lo–hi) and whether the paper's figure lies outside
+    it (`outside_<metric>`)."""
+    for metric in METRICS:
+        lo_hi = ci.get(metric)
+        row[f"ci_{metric}"] = lo_hi
+        row[f"ci_{metric}_shown"] = f"{lo_hi[0]:.2f}–{lo_hi[1]:.2f}" if lo_hi else None
+        paper_value = row.get(f"paper_{metric}")
+        row[f"outside_{metric}"] = (None if not lo_hi or paper_value is None
+                                    else not lo_hi[0] <= paper_value <= lo_hi[1])
+        row[f"paper_{metric}_shown"] = _fmt(paper_value) + (f" {OUTSIDE_MARK}" if row[f"outside_{metric}"] else "")
 
 
 def _weighted_over(rows: list[dict], key: str) -> float | None:
@@ -204,7 +211,8 @@ def _average_row(label: str, rows: list[dict], ours: dict) -> dict:
         row[metric] = ours.get(metric)
         row[f"paper_{metric}"] = _weighted_over(rows, f"paper_{metric}")
         row[f"delta_{metric}"] = _diff(row[metric], row[f"paper_{metric}"])
-    row["paper_ACC_shown"] = _fmt(row["paper_ACC"])
+    _interval(row, ours.get("ci95") or {})
+    row["paper_ACC_shown"] = _fmt(row["paper_ACC"]) + (f" {OUTSIDE_MARK}" if row.get("outside_ACC") else "")
     return row
 
 
@@ -297,37 +305,44 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- figures
 
-def _save(fig, path: Path, dpi: int = 110) -> Path:
-    try:
-        with writing(path):
-            fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
-
-
-def _bars(ax, names: list[str], series: list[tuple[str, list, str]]) -> None:
-    """Grouped bars: series = [(legend label, values (None = no bar), colour)]."""
+def _bars(ax, names: list[str], series: list[tuple]) -> list[list[float]]:
+    """Grouped bars: series = [(legend label, values (None = no bar), colour[, 95% intervals as [lo, hi] or None,
+    drawn as whiskers])]. Returns each series' bar positions."""
     width = 0.8 / len(series)
-    for i, (label, values, color) in enumerate(series):
+    positions = []
+    for i, (label, values, color, *ci) in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
         ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
                width, label=label, color=color)
+        whiskers = [(x, v, c) for x, v, c in zip(xs, values, ci[0] if ci else []) if v is not None and c]
+        if whiskers:
+            ax.errorbar([x for x, _, _ in whiskers], [v for _, v, _ in whiskers], fmt="none", ecolor="#1f2328",
+                        elinewidth=1, capsize=2.5, label="95% interval",
+                        yerr=[[v - c[0] for _, v, c in whiskers], [c[1] - v for _, v, c in whiskers]])
+        positions.append(xs)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
     ax.set_ylabel("ACC (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(frameon=False, fontsize=8, loc="upper left", ncols=min(len(series), 4))
+    ax.legend(frameon=False, fontsize=8, loc="upper left", ncols=min(len(series) + 1, 4))
+    return positions
 
 
 def plot_accuracy_vs_paper(rows: list[dict], title: str, path: Path) -> Path:
+    """Our ACC with its 95% interval as whiskers, the paper's beside it; a paper figure outside our interval is
+    marked (a red triangle above its bar)."""
     names = [r["dataset"] for r in rows]
-    series = [("this run", [r["ACC"] for r in rows], OURS_COLOR)]
+    series = [("this run", [r["ACC"] for r in rows], OURS_COLOR, [r.get("ci_ACC") for r in rows])]
     if any(r["paper_ACC"] is not None for r in rows):
         series.append(("paper", [r["paper_ACC"] for r in rows], PAPER_COLOR))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 2), 3.4))
-    _bars(ax, names, series)
+    positions = _bars(ax, names, series)
+    outside = [(x, r["paper_ACC"]) for x, r in zip(positions[-1], rows) if r.get("outside_ACC")]
+    if outside:
+        ax.scatter([x for x, _ in outside], [min(v + 4, 97) for _, v in outside], marker="v", color="#cf222e",
+                   s=22, zorder=4, label=f"paper outside our 95% interval {OUTSIDE_MARK}")
+        ax.legend(frameon=False, fontsize=8, loc="upper left", ncols=4)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
@@ -352,39 +367,6 @@ def plot_dimensions(rows: list[dict], title: str, path: Path) -> Path:
     _bars(ax, [d["dimension"] for d in dims], series)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
-
-
-def confusion_counts(predictions: list[dict], dataset: str) -> tuple[list[str], list[str], list[list[int]]]:
-    """Gold labels (rows), predicted labels (columns: gold labels, other predictions, unknown, multi), counts."""
-    pairs = [(p["label"], p["pred"]) for p in predictions
-             if p.get("dataset") == dataset and "label" in p and "pred" in p]
-    gold = sorted({g for g, _ in pairs})
-    extra = sorted({p for _, p in pairs} - set(gold) - set(UNPARSED))
-    columns = gold + extra + list(UNPARSED)
-    counts = Counter(pairs)
-    return gold, columns, [[counts[g, c] for c in columns] for g in gold]
-
-
-def plot_confusion(predictions: list[dict], dataset: str, path: Path) -> Path:
-    rows, columns, counts = confusion_counts(predictions, dataset)
-    # Colour by the share of each gold row, so rare classes stay visible next to frequent ones.
-    shares = [[c / max(sum(row), 1) for c in row] for row in counts]
-    fig, ax = plt.subplots(figsize=(max(3.5, 0.42 * len(columns) + 1.8), max(2.8, 0.36 * len(rows) + 1.6)))
-    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    small = 7 if len(columns) > 15 else 8
-    for i, row in enumerate(counts):
-        for j, count in enumerate(row):
-            if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=small,
-                        color="white" if shares[i][j] > 0.6 else "black")
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=small)
-    ax.set_yticks(range(len(rows)), rows, fontsize=small)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
-    ax.set_title(f"{dataset} (n={sum(map(sum, counts))})", fontsize=10)
-    # A lower resolution than the bar charts: the page shows images at their natural size, so a 2-label
-    # matrix comes out small and a 30-label one large, with the same font size in both.
-    return _save(fig, path, dpi=90)
 
 
 def plot_training(train_log: list[dict], path: Path) -> Path:
@@ -424,12 +406,6 @@ def plot_comparison(rows: list[dict], columns: list[str], path: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _image(path: Path, out_dir: Path, caption: str) -> dict:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return {"src": f"data:image/png;base64,{data}", "file": path.relative_to(out_dir).as_posix(),
-            "caption": caption}
-
-
 def _run_section(run: Run, out_dir: Path) -> dict:
     """Write the run's tables and figures under runs/<label>/ and return what the templates show."""
     run_dir = out_dir / "runs" / slug(run.label)
@@ -442,7 +418,8 @@ def _run_section(run: Run, out_dir: Path) -> dict:
 
     figures = [
         _image(plot_accuracy_vs_paper(rows, f"{run.label}: ACC per dataset", run_dir / "acc_vs_paper.png"),
-               out_dir, "ACC per dataset" + (" vs the paper" if run.reference else "")),
+               out_dir, "ACC per dataset" + (" vs the paper" if run.reference else "")
+               + (", 95% intervals as whiskers" if any(r.get("ci_ACC") for r in rows) else "")),
         _image(plot_dimensions(rows, f"{run.label}: ACC per dimension", run_dir / "dimensions.png"),
                out_dir, "ACC per dimension (weighted by n)"),
     ]
@@ -466,12 +443,14 @@ def _run_section(run: Run, out_dir: Path) -> dict:
     if ref is None and run.config.get("paper_model"):
         notes.append(f"The paper reports no numbers for {run.config['paper_model']} in the "
                      f"'{run.config.get('setting')}' setting.")
+    notes += report_stats.interval_notes(all_rows, run.metrics, OUTSIDE_MARK)
     packages = run.env.get("packages") or {}
     return {
         "label": run.label, "anchor": slug(run.label), "path": str(run.path), "reference": ref,
         "n_datasets": len(rows),
         "headers": headers, "cells": cells, "markdown": markdown_table(headers, cells), "notes": notes,
         "figures": figures, "confusions": confusions,
+        "calibration": report_stats.calibration_section(run, run_dir, out_dir),
         "facts": [(k, run.config.get(k)) for k in ("model", "adapter", "paper_model", "setting", "protocol",
                                                     "family", "mode", "split")],
         "versions": [("mmla", run.env.get("mmla")), ("python", run.env.get("python")),
@@ -516,12 +495,19 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
                       "markdown": markdown_table(["dataset"] + columns, cells),
                       "figure": _image(figure, out_dir, "ACC per dataset across runs")}
 
+    pairs = []
+    for other in runs[1:]:  # each run against the first, over the rows both have
+        try:
+            pairs.append(report_stats.pair_section(runs[0], other, out_dir))
+        except ValueError as err:  # no shared rows, or different gold labels: said, not drawn
+            print(f"mmla report: {runs[0].label} vs {other.label}: not compared ({err})", file=sys.stderr)
+
     context = {
         "title": "MMLA report", "version": __version__,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "summary": {"headers": summary_headers, "cells": summary_cells,
                     "markdown": markdown_table(summary_headers, summary_cells)},
-        "comparison": comparison, "runs": [_run_section(r, out_dir) for r in runs],
+        "comparison": comparison, "runs": [_run_section(r, out_dir) for r in runs], "pairs": pairs,
     }
     write_text(out_dir / "report.md", _template("report.md.j2").render(context))
     html_path = out_dir / "report.html"
