@@ -51,6 +51,7 @@ class PredictConfig:
     fps: float | None = None
     max_pixels: int | None = None
     no_frame_cache: bool = False  # video: decode every clip again
+    decode_workers: int | None = None  # video: threads decoding the next batches' clips (default: from the cores)
     limit: int | None = None  # first N rows of each dataset
     batch_size: int = 32
     max_new_tokens: int | None = None  # default: the protocol's
@@ -115,7 +116,7 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         raise ValueError(f"--split must be one of {', '.join(data_mod.SPLITS)}, got '{cfg.split}'")
     if cfg.num_samples > 1 and cfg.mode == "score":
         raise ValueError("--num-samples draws several generated answers: it needs --mode generate")
-    for key in ("limit", "batch_size", "max_new_tokens", "threads", "num_samples", "concurrency"):
+    for key in ("limit", "batch_size", "max_new_tokens", "threads", "num_samples", "concurrency", "decode_workers"):
         v = getattr(cfg, key)
         if v is not None and int(v) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {v}")
@@ -264,7 +265,10 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
            **({"hf_device_map": _device_map(model)} if cfg.device_map else {}),
            "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped}
     if video:
-        env.update(frame_setting=setting.record(), frame_cache=str(cache.root) if cache.enabled else None)
+        from .decode import decoder_name, default_workers
+
+        env.update(frame_setting=setting.record(), frame_cache=str(cache.root) if cache.enabled else None,
+                   video_decoder=decoder_name(), decode_workers=cfg.decode_workers or default_workers())
     if server is not None:  # the server's model id and fingerprint come with its first answer: written again below
         env["server"] = server.info()
     if ranks.main:
@@ -341,10 +345,12 @@ def _device_map(model) -> dict | None:
 def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool, runner=None) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
-    batches, so only their frames are in memory."""
+    batches, so only their frames are in memory. With several decode workers (mmla.decode.DecodePool) the clips
+    of chunk k+2 decode while chunk k+1 is encoded and chunk k runs: at most three chunks of frames in memory."""
     from tqdm.auto import tqdm
 
     from . import engine
+    from .decode import DecodePool
 
     runner = runner or engine  # mmla.engine, or a server backend with the same two calls
     video = inputs.modality == "video"
@@ -353,19 +359,33 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)
     timing = {"seconds_prepare": 0.0, "seconds_model": 0.0}
 
-    def prepare(chunk: list[int]) -> dict:
+    pool = DecodePool(cfg.decode_workers) if video else None
+    staged: dict[int, list] = {}  # chunk -> its (clip, frames future); only the prepare thread touches it
+
+    def stage(c: int) -> None:
+        """Find chunk c's clips and queue their frames on the decode pool (first in, first decoded)."""
+        if c < len(chunks) and c not in staged:
+            clips = [finder.find(todo[i][0].dataset, todo[i][0].id) for i in chunks[c]]
+            staged[c] = [(clip, pool.submit(video_mod.load_frames, clip.path, inputs.setting, cache)
+                          if clip.path is not None else None) for clip in clips]
+
+    def prepare(c: int) -> dict:
         t0 = time.perf_counter()
+        chunk = chunks[c]
         ex = [todo[i][0] for i in chunk]
         prompts = [render(e.dataset, cfg.family, e.text, cfg.split, inputs.modality) for e in ex]
         clips, frames, errors = [None] * len(ex), [None] * len(ex), [None] * len(ex)
         if video:
-            for j, e in enumerate(ex):
-                clips[j] = finder.find(e.dataset, e.id)
-                if clips[j].path is None:
-                    errors[j] = clips[j].error
+            stage(c)
+            if pool.parallel:
+                stage(c + 1)
+            for j, (clip, loading) in enumerate(staged.pop(c)):
+                clips[j] = clip
+                if loading is None:
+                    errors[j] = clip.error
                     continue
                 try:
-                    frames[j] = video_mod.load_frames(clips[j].path, inputs.setting, cache)
+                    frames[j] = loading.result()
                 except video_mod.ClipError as err:
                     errors[j] = str(err)
         ok = [j for j in range(len(ex)) if errors[j] is None]
@@ -402,12 +422,12 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
         start += size
     seeds = [row_seed(cfg.seed, e.dataset, e.id, k) for e, k in todo]
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(prepare, chunks[0])
+        with ThreadPoolExecutor(max_workers=1) as ahead:
+            pending = ahead.submit(prepare, 0)
             for k in range(len(chunks)):
                 p = pending.result()
                 if k + 1 < len(chunks):
-                    pending = pool.submit(prepare, chunks[k + 1])
+                    pending = ahead.submit(prepare, k + 1)
                 for j in range(len(p["chunk"])):
                     if p["errors"][j]:
                         record(p, j, "")
@@ -423,4 +443,6 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
                 timing["seconds_model"] += time.perf_counter() - t0
     finally:
         bar.close()
+        if pool is not None:
+            pool.close()
     return {k: round(v, 2) for k, v in timing.items()}
