@@ -235,9 +235,10 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         family = family_of(model_config(cfg.model, cfg.trust_remote_code)) if cfg.backend == "local" else {}
         setting = video_mod.frame_setting(cfg.frames or family.get("frames", "official-infer"),
                                           num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
-    model = inputs = decoding = server = None
+    model = inputs = decoding = server = stager = None
     runner = engine
     startup_done()  # the imports are done (load_model does it too; an OpenAI-backend run loads no model)
+    cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     t_load = time.perf_counter()
     if todo and cfg.backend == "openai":  # the same prompts and decoding, sent to a server
         from .openai_backend import ApiInputs, Runner, prepare
@@ -247,9 +248,16 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         inputs, runner = ApiInputs(tok, kind, cfg.modality, setting), Runner(server)
         server.video_input = inputs.video_input if video else None
     elif todo:
-        model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
-                                trust_remote_code=cfg.trust_remote_code, modality=cfg.modality,
-                                **_placement(cfg, out, ranks))
+        # the first chunks' clips decode while the model loads (_run takes the stager over, and closes it)
+        stager = _Stager(cfg, todo, setting, cache) if video else None
+        try:
+            model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
+                                    trust_remote_code=cfg.trust_remote_code, modality=cfg.modality,
+                                    **_placement(cfg, out, ranks))
+        except BaseException:
+            if stager is not None:
+                stager.close()
+            raise
         inputs = make_inputs(model, tok, setting)
         setting = getattr(inputs, "setting", setting)
         decoding = decoding_for(cfg, model, inputs)
@@ -257,7 +265,6 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
             raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
     t_load = time.perf_counter() - t_load
-    cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     if ranks.main:
         write_config(out / "config.yaml", {**dataclasses.asdict(cfg),
                                            **({"frame_setting": setting.record()} if setting else {})})
@@ -280,7 +287,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         sink = (JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
                 if ranks.world == 1 else JsonlAppender(distributed.part_path(out, ranks.rank)))
         try:
-            stats = _run(cfg, model, inputs, decoding, cache, todo, sink, progress, runner)
+            stats = _run(cfg, model, inputs, decoding, cache, todo, sink, progress, runner, stager)
         finally:
             sink.close()
             if server is not None and ranks.main:
@@ -342,33 +349,84 @@ def _device_map(model) -> dict | None:
     return {k: str(v) for k, v in placed.items()} if placed else None
 
 
-def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool, runner=None) -> dict:
+def _chunks(cfg, n: int, video: bool) -> list[list[int]]:
+    """Text: one chunk. Video: a first chunk of one batch, so the model starts while the next chunk's clips decode,
+    then chunks of four batches."""
+    sizes = [n] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * n
+    chunks, start = [], 0
+    for size in sizes:
+        if start >= n:
+            break
+        chunks.append(list(range(start, min(start + size, n))))
+        start += size
+    return chunks
+
+
+class _Stager:
+    """The clips of the chunks ahead: found, and their frames queued on the decode pool (first in, first decoded).
+    One thread at a time uses it: _predict while the model loads, then _run's prepare thread."""
+
+    def __init__(self, cfg, todo, setting, cache):
+        from .decode import DecodePool
+
+        self.todo, self.setting, self.cache = todo, setting, cache
+        self.chunks = _chunks(cfg, len(todo), True)
+        self.finder = video_mod.ClipFinder(cfg.data)
+        self.pool = DecodePool(cfg.decode_workers)
+        self.staged: dict[int, list] = {}  # chunk -> its (clip, frames future or None)
+        self.stage(0)
+        if self.pool.parallel:
+            self.stage(1)
+
+    def stage(self, c: int) -> None:
+        if c < len(self.chunks) and c not in self.staged:
+            clips = [self.finder.find(self.todo[i][0].dataset, self.todo[i][0].id) for i in self.chunks[c]]
+            self.staged[c] = [(clip, self.pool.submit(video_mod.load_frames, clip.path, self.setting, self.cache)
+                               if clip.path is not None else None) for clip in clips]
+
+    def take(self, c: int) -> list:
+        """Chunk c's clips and frame futures; the pool goes on with chunk c+1 while c is encoded and c-1 runs."""
+        self.stage(c)
+        if self.pool.parallel:
+            self.stage(c + 1)
+        return self.staged.pop(c)
+
+    def retarget(self, setting) -> None:
+        """The processor may round frame sides otherwise than the setting known before the model loaded: frames
+        staged under another setting are dropped."""
+        if setting != self.setting:
+            for entries in self.staged.values():
+                for _, loading in entries:
+                    if loading is not None:
+                        loading.cancel()
+            self.staged.clear()
+            self.setting = setting
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool, runner=None,
+         stager: _Stager | None = None) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
-    batches, so only their frames are in memory. With several decode workers (mmla.decode.DecodePool) the clips
-    of chunk k+2 decode while chunk k+1 is encoded and chunk k runs: at most three chunks of frames in memory."""
+    batches, so only their frames are in memory. With several decode workers (mmla.decode.DecodePool, in `_Stager`)
+    the clips of chunk k+2 decode while chunk k+1 is encoded and chunk k runs: at most three chunks of frames in
+    memory. `stager`: the one _predict started while the model loaded."""
     from tqdm.auto import tqdm
 
     from . import engine
-    from .decode import DecodePool
 
     runner = runner or engine  # mmla.engine, or a server backend with the same two calls
     video = inputs.modality == "video"
-    finder = video_mod.ClipFinder(cfg.data) if video else None
     root = Path(cfg.data)
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)
     timing = {"seconds_prepare": 0.0, "seconds_model": 0.0}  # prepare overlaps the model: seconds_run is the wall
     t_run = time.perf_counter()
 
-    pool = DecodePool(cfg.decode_workers) if video else None
-    staged: dict[int, list] = {}  # chunk -> its (clip, frames future); only the prepare thread touches it
-
-    def stage(c: int) -> None:
-        """Find chunk c's clips and queue their frames on the decode pool (first in, first decoded)."""
-        if c < len(chunks) and c not in staged:
-            clips = [finder.find(todo[i][0].dataset, todo[i][0].id) for i in chunks[c]]
-            staged[c] = [(clip, pool.submit(video_mod.load_frames, clip.path, inputs.setting, cache)
-                          if clip.path is not None else None) for clip in clips]
+    if video:
+        stager = stager or _Stager(cfg, todo, inputs.setting, cache)
+        stager.retarget(inputs.setting)
 
     def prepare(c: int) -> dict:
         t0 = time.perf_counter()
@@ -377,10 +435,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
         prompts = [render(e.dataset, cfg.family, e.text, cfg.split, inputs.modality) for e in ex]
         clips, frames, errors = [None] * len(ex), [None] * len(ex), [None] * len(ex)
         if video:
-            stage(c)
-            if pool.parallel:
-                stage(c + 1)
-            for j, (clip, loading) in enumerate(staged.pop(c)):
+            for j, (clip, loading) in enumerate(stager.take(c)):
                 clips[j] = clip
                 if loading is None:
                     errors[j] = clip.error
@@ -413,14 +468,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
         sink.write(rec)
         bar.update(1)
 
-    # video: a first chunk of one batch, so the model starts while the next chunk's clips decode
-    sizes = [len(todo)] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * len(todo)
-    chunks, start = [], 0
-    for size in sizes:
-        if start >= len(todo):
-            break
-        chunks.append(list(range(start, min(start + size, len(todo)))))
-        start += size
+    chunks = stager.chunks if video else _chunks(cfg, len(todo), False)
     seeds = [row_seed(cfg.seed, e.dataset, e.id, k) for e, k in todo]
     try:
         with ThreadPoolExecutor(max_workers=1) as ahead:
@@ -444,7 +492,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
                 timing["seconds_model"] += time.perf_counter() - t0
     finally:
         bar.close()
-        if pool is not None:
-            pool.close()
+        if video:
+            stager.close()
     timing["seconds_run"] = time.perf_counter() - t_run
     return {k: round(v, 2) for k, v in timing.items()}
