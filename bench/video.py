@@ -89,9 +89,11 @@ class _Sink:
         self.records.append(rec)
 
 
-def ours(model, processor, root: Path, examples, setting, decoding, cache, batch_size: int) -> list[str]:
+def ours(model, processor, root: Path, examples, setting, decoding, cache, batch_size: int,
+         decode_workers: int | None = None) -> list[str]:
     cfg = inference.PredictConfig(model="bench", data=str(root), datasets=["MELD"], family="infer_script",
-                                  batch_size=batch_size, mode="generate", modality="video", out="unused")
+                                  batch_size=batch_size, mode="generate", modality="video", out="unused",
+                                  decode_workers=decode_workers)
     sink = _Sink()
     todo = [(e, 0) for e in examples]  # (row, which draw): one greedy answer per row
     inference._run(cfg, model, make_inputs(model, processor, setting), decoding, cache, todo, sink, progress=False)
@@ -118,6 +120,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)  # the official Qwen2-VL infer.py
     ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    ap.add_argument("--decode-workers", type=int, help="mmla's decode pool (default: the cores, at most 8)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data", default=str(SHARED / "mmla"), help="where MELD/test.tsv is read from")
@@ -176,10 +179,12 @@ def main(argv=None) -> dict:
             lambda: official_loop(model, processor, root, examples, setting, decoding))
         cache_dir = tmp / "frame-cache"
         outputs["ours_cold"], seconds["ours_cold"] = timed(
-            lambda: ours(model, processor, root, examples, setting, decoding, V.FrameCache(cache_dir), args.batch_size))
+            lambda: ours(model, processor, root, examples, setting, decoding, V.FrameCache(cache_dir), args.batch_size,
+                         args.decode_workers))
         warm = V.FrameCache(cache_dir)
         outputs["ours_warm"], seconds["ours_warm"] = timed(
-            lambda: ours(model, processor, root, examples, setting, decoding, warm, args.batch_size))
+            lambda: ours(model, processor, root, examples, setting, decoding, warm, args.batch_size,
+                         args.decode_workers))
         assert warm.hits == n and warm.misses == 0, (warm.hits, warm.misses)
 
         labels = get_task("MELD").labels
@@ -215,7 +220,7 @@ def main(argv=None) -> dict:
                 "identical_token_ids": sum(a == b for a, b in zip(outputs["ours_cold"], outputs["official"])),
                 "rate": round(sum(a == b for a, b in zip(outputs["ours_cold"], outputs["official"])) / n, 3)},
             "video_decoder": {"official": "pyav", "ours": decoder_name(announce=False)},
-            "decode_workers": default_workers(),
+            "decode_workers": args.decode_workers or default_workers(),
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
