@@ -10,7 +10,8 @@ Items (real-size random-init models: a lent device has no weights; SmolLM2's tok
   video         Qwen2-VL-7B: the official one-clip loop against mmla, cold and warm frame cache, decode pool
                 (bench/video.py --arch qwen2-vl-7b --random-init)
 --dry-run runs the same items with tiny models and a few rows on the CPU (tests/test_gpu_bench.py), so the script
-cannot rot between lent devices. An item that fails is recorded with its error and the others still run.
+cannot rot between lent devices. An item that fails is recorded with its error and the others still run; the JSON is
+written again after each item, so a run stopped at its time limit keeps what finished (--only reruns the rest).
 
     python bench/gpu.py --out gpu.json            # on the device (bench/gpu.sh)
     python bench/gpu.py --dry-run --out dry.json  # CPU, under a minute
@@ -41,7 +42,9 @@ def items(data: str, videos: str, tiny: str | None) -> list[tuple[str, str, list
     """(name, bench script, argv without --out). tiny: a tiny Llama directory for the dry run."""
     if tiny is None:
         real = ["--arch", "qwen2-1.5b", "--random-init"]
-        return [
+        return [  # the video item first: it is what a short lease must not lose
+            ("video", "video.py", ["--arch", "qwen2-vl-7b", "--random-init", "--n", "24", "--batch-size", "8",
+                                   "--max-new-tokens", "32", "--data", data, "--videos", videos]),
             ("e2e", "e2e.py", [*real, "--datasets", "all", "--n", "15741", "--batch-size", "64", "--rounds", "1",
                                "--data", data]),
             ("greedy", "zeroshot.py", [*real, "--datasets", "all", "--n", "2048", "--batch-size", "64",
@@ -50,8 +53,6 @@ def items(data: str, videos: str, tiny: str | None) -> list[tuple[str, str, list
                                    "--batches", "16,64", "--no-progress", "--data", data]),
             ("concurrent", "train.py", ["--concurrent", "10", *real, "--steps", "6", "--warmup", "2",
                                         "--concurrent-rows", "40", "--no-progress", "--data", data]),
-            ("video", "video.py", ["--arch", "qwen2-vl-7b", "--random-init", "--n", "24", "--batch-size", "8",
-                                   "--max-new-tokens", "32", "--data", data, "--videos", videos]),
         ]
     return [
         ("e2e", "e2e.py", ["--model", tiny, "--datasets", "MELD,MUStARD", "--n", "8", "--batch-size", "4",
@@ -114,6 +115,22 @@ def summary(results: dict) -> dict:
     }
 
 
+def _write(args, argv, torch, t_all: float, seconds: dict, errors: dict, results: dict) -> dict:
+    out = {
+        "command": shlex.join(["bash", "bench/gpu.sh", *(argv if argv is not None else sys.argv[1:])]),
+        "dry_run": args.dry_run,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+        "torch": torch.__version__,
+        "seconds_total": round(time.perf_counter() - t_all, 1),
+        "seconds": seconds,
+        "errors": errors,
+        "summary": summary(results),
+        "items": results,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models, a few rows: checks the script runs")
@@ -149,18 +166,8 @@ def main(argv=None) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    out = {
-        "command": shlex.join(["bash", "bench/gpu.sh", *(argv if argv is not None else sys.argv[1:])]),
-        "dry_run": args.dry_run,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
-        "torch": torch.__version__,
-        "seconds_total": round(time.perf_counter() - t_all, 1),
-        "seconds": seconds,
-        "errors": errors,
-        "summary": summary(results),
-        "items": results,
-    }
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        _write(args, argv, torch, t_all, seconds, errors, results)  # after each item: a timeout keeps the rest
+    out = _write(args, argv, torch, t_all, seconds, errors, results)
     print(json.dumps({k: out[k] for k in ("device", "seconds_total", "seconds", "errors", "summary")}, indent=2))
     return out
 
