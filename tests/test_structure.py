@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mmla"
 # Bottom to top. A module may import modules of its own layer or below, never above.
 LAYERS = [
     {"__init__", "tasks", "config", "errors", "stats"},
-    {"data", "prompts", "evaluation", "runs", "paper"},
+    {"data", "prompts", "evaluation", "runs", "paper", "decode"},
     {"video", "models", "compare", "plots"},
     {"tiny", "inputs"},
     {"backends"},

@@ -104,6 +104,7 @@ def cmd_predict(a) -> int:
         paper_model=a.paper_model, name=a.name, out=a.out, modality=a.modality, frames=a.frames,
         num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels, no_frame_cache=a.no_frame_cache,
         backend=a.backend, base_url=a.base_url, api_key_env=a.api_key_env, concurrency=a.concurrency,
+        decode_workers=a.decode_workers,
     )
     from .distributed import ranks
 
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--modality", default="auto", choices=("auto", "text", "video"),
                     help="auto (default): video for a vision-language model (datasets: the 9 with videos), else text")
     frame_args(sp)
+    sp.add_argument("--decode-workers", type=_positive_int, metavar="N",
+                    help="video: threads decoding the next batches' clips while the model runs (default: the "
+                         "cores, at most 8; 1: decode in line)")
     # an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve, a hosted API)
     sp.add_argument("--backend", default="local", choices=backends.names(),
                     help="local: the model here; openai: an OpenAI-compatible server (mmla.backends)")

@@ -55,6 +55,7 @@ class PredictConfig:
     fps: float | None = None
     max_pixels: int | None = None
     no_frame_cache: bool = False  # video: decode every clip again
+    decode_workers: int | None = None  # video: threads decoding the next batches' clips (default: from the cores)
     limit: int | None = None  # first N rows of each dataset
     batch_size: int = 32
     max_new_tokens: int | None = None  # default: the protocol's
@@ -117,7 +118,7 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         raise ValueError(f"--split must be one of {', '.join(data_mod.SPLITS)}, got '{cfg.split}'")
     if cfg.num_samples > 1 and cfg.mode == "score":
         raise ValueError("--num-samples draws several generated answers: it needs --mode generate")
-    for key in ("limit", "batch_size", "max_new_tokens", "threads", "num_samples", "concurrency"):
+    for key in ("limit", "batch_size", "max_new_tokens", "threads", "num_samples", "concurrency", "decode_workers"):
         v = getattr(cfg, key)
         if v is not None and int(v) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {v}")
@@ -233,7 +234,10 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     if backend is not None:
         env.update(backend.describe())
     if video:
-        env.update(frame_setting=frames, frame_cache=str(cache.root) if cache.enabled else None)
+        from .decode import decoder_name, default_workers
+
+        env.update(frame_setting=frames, frame_cache=str(cache.root) if cache.enabled else None,
+                   video_decoder=decoder_name(), decode_workers=cfg.decode_workers or default_workers())
     if ranks.main:
         write_json(out / "env.json", env)
 
@@ -323,31 +327,81 @@ def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict 
             "offload_folder": str(out / "offload" / f"rank{ranks.rank}")}
 
 
+def _chunks(cfg, n: int, video: bool) -> list[list[int]]:
+    """Text: one chunk. Video: a first chunk of one batch, so the model starts while the next chunk's clips decode,
+    then chunks of four batches."""
+    sizes = [n] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * n
+    chunks, start = [], 0
+    for size in sizes:
+        if start >= n:
+            break
+        chunks.append(list(range(start, min(start + size, n))))
+        start += size
+    return chunks
+
+
+class _Stager:
+    """The clips of the chunks ahead: found, and their frames queued on the decode pool (first in, first decoded).
+    Only _run's prepare thread uses it."""
+
+    def __init__(self, cfg, todo, setting, cache):
+        from .decode import DecodePool
+
+        self.todo, self.setting, self.cache = todo, setting, cache
+        self.chunks = _chunks(cfg, len(todo), True)
+        self.finder = video_mod.ClipFinder(cfg.data)
+        self.pool = DecodePool(cfg.decode_workers)
+        self.staged: dict[int, list] = {}  # chunk -> its (clip, frames future or None)
+        self.stage(0)
+        if self.pool.parallel:
+            self.stage(1)
+
+    def stage(self, c: int) -> None:
+        if c < len(self.chunks) and c not in self.staged:
+            clips = [self.finder.find(self.todo[i][0].dataset, self.todo[i][0].id) for i in self.chunks[c]]
+            self.staged[c] = [(clip, self.pool.submit(video_mod.load_frames, clip.path, self.setting, self.cache)
+                               if clip.path is not None else None) for clip in clips]
+
+    def take(self, c: int) -> list:
+        """Chunk c's clips and frame futures; the pool goes on with chunk c+1 while c is encoded and c-1 runs."""
+        self.stage(c)
+        if self.pool.parallel:
+            self.stage(c + 1)
+        return self.staged.pop(c)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
 def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppender, progress: bool) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
-    batches, so only their frames are in memory."""
+    batches, so only their frames are in memory. With several decode workers (mmla.decode.DecodePool, in `_Stager`)
+    the clips of chunk k+2 decode while chunk k+1 is encoded and chunk k runs: at most three chunks of frames in
+    memory."""
     from tqdm.auto import tqdm
 
     video = backend.modality == "video"
-    finder = video_mod.ClipFinder(cfg.data) if video else None
+    stager = _Stager(cfg, todo, backend.setting, cache) if video else None
     root = Path(cfg.data)
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)
-    timing = {"seconds_prepare": 0.0, "seconds_model": 0.0}
+    timing = {"seconds_prepare": 0.0, "seconds_model": 0.0}  # prepare overlaps the model: seconds_run is the wall
+    t_run = time.perf_counter()
 
-    def prepare(chunk: list[int]) -> dict:
+    def prepare(c: int) -> dict:
         t0 = time.perf_counter()
+        chunk = chunks[c]
         ex = [todo[i][0] for i in chunk]
         prompts = [render(e.dataset, cfg.family, e.text, cfg.split, backend.modality) for e in ex]
         clips, frames, errors = [None] * len(ex), [None] * len(ex), [None] * len(ex)
         if video:
-            for j, e in enumerate(ex):
-                clips[j] = finder.find(e.dataset, e.id)
-                if clips[j].path is None:
-                    errors[j] = clips[j].error
+            for j, (clip, loading) in enumerate(stager.take(c)):
+                clips[j] = clip
+                if loading is None:
+                    errors[j] = clip.error
                     continue
                 try:
-                    frames[j] = video_mod.load_frames(clips[j].path, backend.setting, cache)
+                    frames[j] = loading.result()
                 except video_mod.ClipError as err:
                     errors[j] = str(err)
         ok = [j for j in range(len(ex)) if errors[j] is None]
@@ -390,24 +444,17 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
         sink.write(rec)
         bar.update(1)
 
-    # video: a first chunk of one batch, so the model starts while the next chunk's clips decode
-    sizes = [len(todo)] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * len(todo)
-    chunks, start = [], 0
-    for size in sizes:
-        if start >= len(todo):
-            break
-        chunks.append(list(range(start, min(start + size, len(todo)))))
-        start += size
+    chunks = stager.chunks if video else _chunks(cfg, len(todo), False)
     seeds = [row_seed(cfg.seed, e.dataset, e.id, k) for e, k in todo]
     new_tokens = decoding.max_new_tokens if cfg.mode == "generate" else 0
     past_context: list[str] = []  # "dataset id" of each row longer than the model's context
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(prepare, chunks[0])
+        with ThreadPoolExecutor(max_workers=1) as ahead:
+            pending = ahead.submit(prepare, 0)
             for k in range(len(chunks)):
                 p = pending.result()
                 if k + 1 < len(chunks):
-                    pending = pool.submit(prepare, chunks[k + 1])
+                    pending = ahead.submit(prepare, k + 1)
                 for j in range(len(p["chunk"])):
                     if p["errors"][j] or "refused" in p["context"].get(j, {}):
                         record(p, j, "")
@@ -428,6 +475,9 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
         if past_context:  # lm-evaluation-harness would cut these silently: say which rows, in one line
             print(f"longer than the model's context, utterance cut from its start (recorded per row as `context`): "
                   f"{len(past_context)} rows: {', '.join(past_context)}", file=sys.stderr)
+        if video:
+            stager.close()
+    timing["seconds_run"] = time.perf_counter() - t_run
     return {**{k: round(v, 2) for k, v in timing.items()}, "context_policy": CONTEXT_POLICY,
             "past_context": past_context}
 

@@ -16,9 +16,11 @@ Frames. A `FrameSetting` says which frames and at what size; two are named after
                   frames, rounded down to an even count (Qwen2-VL), each frame resized so max(H, W) <= 128
                   and then to multiples of 28: the LLaMA-Factory fine-tuning.
 Both take overrides (num_frames, fps, max_pixels); the resolved setting is recorded with every run.
-Decoding uses PyAV through `transformers.video_utils.load_video` with our sample_indices_fn. The resized
+Decoding uses TorchCodec where it works, else PyAV (mmla.decode), with our sample indices. The resized
 uint8 frames are cached on disk ($MMLA_FRAME_CACHE, else $MMLA_CACHE/frames, else ~/.cache/mmla/frames)
-under a key of clip path + size + mtime + setting, so a second run (or a second model) never decodes again.
+under a key of clip path + size + mtime + setting, so a second run (or a second model) never decodes again;
+entries are written whole (a unique temporary file renamed into place), so decode workers and data-parallel
+ranks can fill one cache at once.
 
 Known difference from the official inference: it wrote the 4 frames to JPEG files and read them back, so
 its pixels carry JPEG artefacts; here the decoded frames are used directly.
@@ -32,12 +34,15 @@ import json
 import math
 import os
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import data as data_mod
+from .decode import read_frames
 from .tasks import SPLITS, VIDEO_DATASETS, get_task
 
 # ---------------------------------------------------------------- frame settings
@@ -197,6 +202,14 @@ class FrameCache:
         self.root = Path(root) if root is not None else cache_dir()
         self.enabled = enabled
         self.hits = self.misses = 0
+        self._count = threading.Lock()  # decode workers count hits and misses at once
+
+    def counted(self, hit: bool) -> None:
+        with self._count:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
 
     def path_for(self, clip: Path, setting: FrameSetting) -> Path:
         st = os.stat(clip)
@@ -225,16 +238,21 @@ class FrameCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"indices": [int(i) for i in fr.indices], "total_frames": fr.total_frames,
                            "video_fps": fr.video_fps, "duration": fr.duration, "clip": str(clip)})
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, frames=fr.array, meta=np.array(meta))
-        os.replace(tmp, p)
+        # a temporary file of its own (decode workers and data-parallel ranks may write the same entry at once),
+        # renamed into place: a reader sees the whole entry or none
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            os.fchmod(fd, 0o644)  # as open() would make it, not mkstemp's owner-only
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, frames=fr.array, meta=np.array(meta))
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
-def decode_frames(path: str | os.PathLike, setting: FrameSetting) -> Frames:
-    """Decode the setting's frames of one clip with PyAV (transformers' load_video) and resize them."""
-    from transformers.video_utils import load_video
-
+def decode_frames(path: str | os.PathLike, setting: FrameSetting, decoder: str | None = None) -> Frames:
+    """Decode the setting's frames of one clip (TorchCodec, else PyAV: mmla.decode) and resize them."""
     path = Path(path)
     if not path.is_file():
         raise ClipError(f"missing: {path}")
@@ -248,13 +266,12 @@ def decode_frames(path: str | os.PathLike, setting: FrameSetting) -> Frames:
         return np.unique(idx)  # the decoder keeps each frame once; repeats are restored below
 
     try:
-        video, _ = load_video(str(path), backend="pyav", sample_indices_fn=pick)
+        video = read_frames(str(path), pick, decoder)
     except ClipError:
         raise
     except Exception as e:  # corrupt container, unsupported codec, truncated stream, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ClipError(f"unreadable: {type(e).__name__}: {msg}"[:300]) from None
-    video = np.asarray(video)
     idx = asked["indices"]
     uniq = np.unique(idx)
     if video.ndim != 4 or len(video) == 0:
@@ -274,11 +291,11 @@ def load_frames(path: str | os.PathLike, setting: FrameSetting, cache: FrameCach
     if cache is not None:
         hit = cache.get(path, setting)
         if hit is not None:
-            cache.hits += 1
+            cache.counted(True)
             return hit
     fr = decode_frames(path, setting)
     if cache is not None:
-        cache.misses += 1
+        cache.counted(False)
         try:
             cache.put(path, setting, fr)
         except OSError as e:  # a full or read-only cache never stops a run

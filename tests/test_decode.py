@@ -1,0 +1,163 @@
+"""The decoders (TorchCodec and PyAV give the same frames), the decode pool (the same predictions as the serial
+path, resume included) and the frame cache filled by two processes at once: real clips, a tiny Qwen2-VL."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmla import decode
+from mmla import video as V
+from mmla.inference import PredictConfig, predict
+from mmla.tiny import build_tiny_video_model
+from test_video import REAL, write_clip, write_corrupt
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+
+
+# ---------------------------------------------------------------- decoders
+
+
+def test_torchcodec_and_pyav_give_the_same_frames(videos_dir, monkeypatch):
+    problem = decode._torchcodec_problem()
+    if problem is None:  # both decoders here: the same indices and pixels for the official samplers
+        for setting in (V.SETTINGS["official-infer"], V.SETTINGS["official-train"]):
+            for name in REAL:
+                a = V.decode_frames(videos_dir / name, setting, decoder="torchcodec")
+                b = V.decode_frames(videos_dir / name, setting, decoder="pyav")
+                assert a.indices == b.indices and (a.total_frames, a.duration) == (b.total_frames, b.duration)
+                assert a.array.shape == b.array.shape and np.array_equal(a.array, b.array), (name, setting.name)
+        return
+    # PyAV alone: the process says so in one line and decodes with PyAV
+    code = ("from mmla import decode, video as V; import sys; "
+            f"fr = V.decode_frames(sys.argv[1], V.SETTINGS['official-infer']); "
+            "print(decode.decoder_name(), fr.indices)")
+    done = subprocess.run([sys.executable, "-c", code, str(videos_dir / REAL[1])], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "pyav [0, 48, 96, 145]"
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("video decoder: PyAV (") and problem in lines[0], lines
+    # asking for TorchCodec where it cannot run is a one-line error naming why
+    monkeypatch.setenv("MMLA_VIDEO_DECODER", "torchcodec")
+    monkeypatch.setattr(decode, "_choice", None)
+    with pytest.raises(ValueError, match=r"^\$MMLA_VIDEO_DECODER=torchcodec, but torchcodec"):
+        decode.decoder_name()
+
+
+def test_pool_sizes_and_errors():
+    assert 1 <= decode.default_workers() <= decode.MAX_WORKERS
+    with pytest.raises(ValueError, match="--decode-workers"):
+        decode.DecodePool(0)
+    with decode.DecodePool(1) as serial, decode.DecodePool(3) as pool:
+        assert not serial.parallel and pool.parallel
+        assert [f.result() for f in [pool.submit(pow, 2, k) for k in range(6)]] == [1, 2, 4, 8, 16, 32]
+        failed = serial.submit(V.load_frames, "/nonexistent.mp4", V.SETTINGS["official-infer"])
+        with pytest.raises(V.ClipError, match="^missing"):
+            failed.result()
+
+
+# ---------------------------------------------------------------- the pool in mmla predict
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory):
+    return build_tiny_video_model("qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+def _root(r: Path, videos_dir: Path) -> Path:
+    """MELD test: 9 rows whose clips are copies of the 3 real clips, one missing clip, one corrupt clip."""
+    v = r / "MELD" / "video"
+    v.mkdir(parents=True)
+    rows = [(f"2_{i}", f"Line number {i}.", "neutral") for i in range(11)]
+    (r / "MELD" / "test.tsv").write_text("id\ttext\tlabel\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
+    for i in range(9):
+        shutil.copy(videos_dir / REAL[i % 3], v / f"MELD_2_{i}.mp4")
+    write_corrupt(v / "MELD_2_10.mp4")  # 2_9 has no clip
+    return r
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_pool_predicts_as_the_serial_path_resume_included(tiny_vl, videos_dir, tmp_path, capsys):
+    root = _root(tmp_path / "data", videos_dir)
+    base = dict(model=str(tiny_vl), data=str(root), datasets=["MELD"], max_new_tokens=6, batch_size=1,
+                device="cpu", dtype="float32")  # batch 1: chunks of 1, 4, 4, 2 rows, so the pool runs ahead
+
+    def run(out, workers, cache, **kw):
+        return predict(PredictConfig(**{**base, "out": str(out), "decode_workers": workers, **kw}), progress=False,
+                       frame_cache=V.FrameCache(cache))
+
+    serial = run(tmp_path / "serial", 1, tmp_path / "fc-serial")
+    pooled = run(tmp_path / "pool", 3, tmp_path / "fc-pool")
+    a, b = _records(tmp_path / "serial"), _records(tmp_path / "pool")
+    assert len(a) == 11 and a == b  # the same records, in the same order
+    assert serial == pooled
+    by_id = {r["id"]: r for r in b}
+    assert by_id["2_9"]["clip_error"].startswith("missing") and by_id["2_10"]["clip_error"].startswith("unreadable")
+    assert all(by_id[f"2_{i}"]["output"] and "clip_error" not in by_id[f"2_{i}"] for i in range(9))
+    env = json.loads((tmp_path / "pool" / "env.json").read_text())
+    assert env["decode_workers"] == 3 and env["video_decoder"] in decode.DECODERS
+    assert env["frame_cache_misses"] == 9 and env["frame_cache_hits"] == 0
+    assert json.loads((tmp_path / "serial" / "env.json").read_text())["decode_workers"] == 1
+
+    # resume under the pool: the first 5 rows, then the whole split into the same run directory
+    run(tmp_path / "resumed", 3, tmp_path / "fc-resume", limit=5)
+    capsys.readouterr()
+    run(tmp_path / "resumed", 3, tmp_path / "fc-resume")
+    assert "resuming: 5 of 11 done, 6 to go" in capsys.readouterr().err
+    c = _records(tmp_path / "resumed")
+    assert len(c) == 11 and {r["id"]: r for r in c} == {r["id"]: r for r in a}
+    assert json.loads((tmp_path / "resumed" / "env.json").read_text())["frame_cache_misses"] == 4  # rows 5-8
+    with pytest.raises(ValueError, match="--decode-workers"):
+        run(tmp_path / "bad", 0, tmp_path / "fc-bad")
+
+
+# ---------------------------------------------------------------- one cache, two processes
+
+
+FILL = """
+import sys, time
+from pathlib import Path
+from mmla import decode, video as V
+go, cache, clips = Path(sys.argv[1]), V.FrameCache(sys.argv[2]), sys.argv[3:]
+while not go.exists():
+    time.sleep(0.005)
+with decode.DecodePool(2) as pool:
+    jobs = [pool.submit(V.load_frames, c, s, cache) for s in (V.SETTINGS["official-infer"],
+            V.frame_setting("official-infer", num_frames=2)) for c in clips]
+    print(sum(1 for j in jobs if j.result().array.ndim == 4))
+"""
+
+
+def test_two_processes_fill_one_frame_cache(videos_dir, tmp_path):
+    clips = [str(shutil.copy(videos_dir / n, tmp_path / n)) for n in REAL] + [str(write_clip(tmp_path / "s.mp4"))]
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", FILL, str(go), str(cache), *clips], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(1.0)  # both are waiting at the start line
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert [o[0].strip() for o in outs] == ["8", "8"]
+    assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".npz")]  # no torn temporaries
+    entries = list(cache.rglob("*.npz"))
+    assert len(entries) == 8
+    fresh = V.FrameCache(cache)
+    for s in (V.SETTINGS["official-infer"], V.frame_setting("official-infer", num_frames=2)):
+        for c in clips:
+            hit = fresh.get(Path(c), s)
+            ref = V.decode_frames(c, s)
+            assert hit is not None and hit.indices == ref.indices and np.array_equal(hit.array, ref.array)
