@@ -10,7 +10,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mmla"
 LAYERS = [
     {"__init__", "tasks", "config", "errors"},
     {"data", "prompts", "evaluation", "runs", "paper"},
-    {"video", "models"},
+    {"video", "models", "resolve"},
+    {"llava_video"},
     {"tiny", "inputs"},
     {"engine", "openai_backend"},
     {"trainer", "distributed"},

@@ -205,7 +205,7 @@ def cmd_demo(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .prompts import PROTOCOLS
-    from .tasks import FAMILIES, SPLITS
+    from .tasks import PROMPT_FAMILIES, SPLITS
 
     p = _Parser(prog="mmla", description="MMLA benchmark: prompts, inference, evaluation, reports.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(sp)
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--split", default="test", choices=SPLITS)
-    sp.add_argument("--family", default="clean", choices=FAMILIES)
+    sp.add_argument("--family", default="clean", choices=PROMPT_FAMILIES)
     sp.add_argument("--modality", default="text", choices=("text", "video"))
     sp.add_argument("--limit", type=_positive_int)
     sp.set_defaults(func=cmd_prompts)
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="test", choices=SPLITS)
     sp.add_argument("--mode", default="generate", choices=("generate", "score"))
     sp.add_argument("--protocol", default="official", choices=PROTOCOLS)
-    sp.add_argument("--family", choices=FAMILIES, help="prompt family (default: infer_script if official, else clean)")
+    sp.add_argument("--family", choices=PROMPT_FAMILIES, help="prompt family (default: infer_script if official, else clean)")
     sp.add_argument("--limit", type=_positive_int, help="first N rows of each dataset")
     sp.add_argument("--batch-size", type=_positive_int, default=32)
     sp.add_argument("--max-new-tokens", type=_positive_int)

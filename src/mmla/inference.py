@@ -26,10 +26,10 @@ from . import data as data_mod
 from . import distributed
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
-from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
+from .prompts import PROTOCOLS, Decoding, candidates, render
 from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, read_config, read_jsonl, startup_done, \
     write_config, write_json
-from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
+from .tasks import PROMPT_FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")
 MODALITIES = ("auto", "text", "video")
@@ -82,8 +82,6 @@ _IDENTITY = ("model", "adapter", "split", "mode", "protocol", "family", "modalit
 
 def resolve(cfg: PredictConfig) -> PredictConfig:
     """Validate and fill defaults; every error is one line."""
-    from .models import modality_of
-
     cfg = dataclasses.replace(cfg)
     if cfg.modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {', '.join(MODALITIES)}, got '{cfg.modality}'")
@@ -91,8 +89,11 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         raise ValueError(f"--backend must be local or openai, got '{cfg.backend}'")
     if cfg.backend == "openai" and not cfg.base_url:
         raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-    if cfg.modality == "auto":  # a served model may have no config here: text unless told
-        cfg.modality = modality_of(cfg.model, cfg.trust_remote_code) if cfg.backend == "local" else "text"
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{cfg.protocol}'")
+    # a served model may have no config here: text unless told, its family from --paper-model
+    model = resolved(cfg)
+    cfg.modality = model.modality
     spec = cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0]
     if cfg.modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
         spec = "video"
@@ -102,15 +103,13 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         if no_video:
             raise ValueError(f"no videos are released for {', '.join(no_video)}: use --datasets video "
                              f"({', '.join(VIDEO_DATASETS)}) or --modality text")
-        video_mod.frame_setting(cfg.frames or "official-infer", num_frames=cfg.num_frames, fps=cfg.fps,
+        video_mod.frame_setting(cfg.frames or _default_frames(model), num_frames=cfg.num_frames, fps=cfg.fps,
                                 max_pixels=cfg.max_pixels)  # validates
     if cfg.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
-    if cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{cfg.protocol}'")
-    cfg.family = cfg.family or ("infer_script" if cfg.protocol == "official" else "clean")
-    if cfg.family not in FAMILIES:
-        raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got '{cfg.family}'")
+    cfg.family = cfg.family or model.prompt_family
+    if cfg.family not in PROMPT_FAMILIES:
+        raise ValueError(f"--family must be one of {', '.join(PROMPT_FAMILIES)}, got '{cfg.family}'")
     if cfg.split not in data_mod.SPLITS:
         raise ValueError(f"--split must be one of {', '.join(data_mod.SPLITS)}, got '{cfg.split}'")
     if cfg.num_samples > 1 and cfg.mode == "score":
@@ -166,18 +165,27 @@ def dedupe(records: list[dict]) -> list[dict]:
     return list({key(r): r for r in records}.values())
 
 
-def decoding_for(cfg: PredictConfig, model, inputs) -> Decoding:
-    """The protocol's decoding: the official script's (per model kind / family) or greedy (clean)."""
-    if cfg.protocol == "official":
-        if inputs.modality == "video":  # the official MLLM infer.py: the checkpoint's generation config
-            decoding = official_decoding("qwen", model.generation_config)
-            decoding.max_new_tokens = inputs.family.get("max_new_tokens", decoding.max_new_tokens)
-        else:
-            decoding = official_decoding(inputs.kind, model.generation_config)
-    else:
-        decoding = Decoding()
-    decoding.max_new_tokens = cfg.max_new_tokens or decoding.max_new_tokens
-    return decoding
+def resolved(cfg: PredictConfig):
+    """The run's model through the one resolver (mmla.resolve): modality, family row, the protocol that applies."""
+    from .resolve import resolve_model
+
+    return resolve_model(cfg.model, modality=cfg.modality, protocol=cfg.protocol, paper_model=cfg.paper_model,
+                         trust_remote_code=cfg.trust_remote_code, local=cfg.backend == "local")
+
+
+def _default_frames(model) -> str:
+    row = model.family
+    return (row.frames if row is not None and row.frames and model.protocol == "official" else None) or \
+        "official-infer"
+
+
+def decoding_for(cfg: PredictConfig, model, inputs, row=None, protocol: str | None = None) -> Decoding:
+    """The protocol's decoding: the row's official script's (mmla.resolve) or greedy (clean)."""
+    from .resolve import decoding_for as row_decoding
+
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return row_decoding(row, protocol or cfg.protocol, model.generation_config, cfg.max_new_tokens,
+                        getattr(text, "max_position_embeddings", None))
 
 
 def row_seed(seed: int, dataset: str, id_: str, sample: int = 0) -> int:
@@ -224,16 +232,19 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
 
     from . import engine
     from .inputs import make_inputs
-    from .models import device_of, family_of, load_model, read_config as model_config
+    from .models import device_of, load_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     video = cfg.modality == "video"
     setting = None
+    res = resolved(cfg)  # the model family's row, and the protocol that applies (official needs a row)
+    if res.note and ranks.main:
+        print(f"note: {res.note}", file=sys.stderr)
+    run_cfg = dataclasses.replace(cfg, protocol=res.protocol)
     if video:
-        family = family_of(model_config(cfg.model, cfg.trust_remote_code)) if cfg.backend == "local" else {}
-        setting = video_mod.frame_setting(cfg.frames or family.get("frames", "official-infer"),
-                                          num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
+        setting = video_mod.frame_setting(cfg.frames or _default_frames(res), num_frames=cfg.num_frames, fps=cfg.fps,
+                                          max_pixels=cfg.max_pixels)
     model = inputs = decoding = server = None
     runner = engine
     startup_done()  # the imports are done (load_model does it too; an OpenAI-backend run loads no model)
@@ -249,9 +260,14 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
                                 trust_remote_code=cfg.trust_remote_code, modality=cfg.modality,
                                 **_placement(cfg, out, ranks))
-        inputs = make_inputs(model, tok, setting)
+        if res.family is not None and res.family.pooling == "llava-video":
+            from .llava_video import use_llava_video_pooling
+
+            use_llava_video_pooling(model, tok)
+        inputs = make_inputs(model, tok, setting, res.family)
+        inputs.time_from_clip = res.protocol == "clean"
         setting = getattr(inputs, "setting", setting)
-        decoding = decoding_for(cfg, model, inputs)
+        decoding = decoding_for(cfg, model, inputs, res.family, res.protocol)
         if cfg.num_samples > 1 and not decoding.do_sample:
             raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
@@ -262,7 +278,8 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
                                            **({"frame_setting": setting.record()} if setting else {})})
     env = {**environment(str(device_of(model)) if model is not None else None),
            **({"hf_device_map": _device_map(model)} if cfg.device_map else {}),
-           "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped}
+           "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped,
+           **res.record()}
     if video:
         env.update(frame_setting=setting.record(), frame_cache=str(cache.root) if cache.enabled else None)
     if server is not None:  # the server's model id and fingerprint come with its first answer: written again below
@@ -276,7 +293,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         sink = (JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
                 if ranks.world == 1 else JsonlAppender(distributed.part_path(out, ranks.rank)))
         try:
-            stats = _run(cfg, model, inputs, decoding, cache, todo, sink, progress, runner)
+            stats = _run(run_cfg, model, inputs, decoding, cache, todo, sink, progress, runner)
         finally:
             sink.close()
             if server is not None and ranks.main:
@@ -346,8 +363,12 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
 
     from . import engine
 
+    from .resolve import clean_output
+
     runner = runner or engine  # mmla.engine, or a server backend with the same two calls
     video = inputs.modality == "video"
+    row = getattr(inputs, "row", None) if cfg.protocol == "official" else None
+    whole = row is not None and row.decoded == "whole" and cfg.mode == "generate"
     finder = video_mod.ClipFinder(cfg.data) if video else None
     root = Path(cfg.data)
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)
@@ -376,11 +397,16 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
             rows = inputs.score_rows(texts, cands, fr)
         else:
             cands, rows = None, inputs.encode(texts, fr)
+        # the decoded prompt, for a script that decodes the whole sequence (special tokens kept, as batch_decode)
+        heads = {j: inputs.tokenizer.decode(rows[k].ids) for k, j in enumerate(ok)} if whole else {}
         timing["seconds_prepare"] += time.perf_counter() - t0
-        return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands)
+        return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands,
+                    heads=heads)
 
     def record(p: dict, j: int, output: str) -> None:
         e, k = todo[p["chunk"][j]]
+        if output and cfg.mode == "generate":
+            output = clean_output(row, cfg.protocol, output, p["heads"].get(j, ""))
         rec = {"dataset": e.dataset, "split": e.split, "id": e.id, **({"sample": k} if cfg.num_samples > 1 else {}),
                "text": e.text, "label": e.label, "prompt": p["prompts"][j], "output": output,
                "pred": parse_output(output, get_task(e.dataset).labels)}

@@ -31,7 +31,7 @@ logits only at the answer positions (`logits_to_keep` with a boolean mask, never
 prompt) and bf16 matmuls (bf16 on a GPU as the paper; on a CPU `mixed`: bf16 frozen matmuls with fp32 outputs,
 which keeps the fp32 loss curve). Because the Trainer normalises the loss by the number of answer tokens of the
 whole optimiser step, 4 micro-batches of 1 and 1 micro-batch of 4 give the same update (tests check both).
-Video: a model whose family (mmla.models.FAMILIES) names a `paper_preset` gets that table under `paper`, per
+Video: a model whose family (mmla.resolve.MODEL_FAMILIES) names a `paper_preset` gets that table under `paper`, per
 dataset for SFT (Qwen2-VL-7B: the official yamls' lr / epochs / warmup / batch x accumulation; LoRA r8/a16), except
 the keys the user set; `fast` adds answer-only logits (and `mixed` on a CPU) but keeps the micro-batches, whose
 frames are what fills memory. A video model without a table gets the text presets (`paper_table=NAME` picks one).
@@ -54,7 +54,7 @@ from .config import coerce
 from .prompts import PROTOCOLS, render, target
 from .runs import claim, environment, read_config, read_json, read_jsonl, write_config, write_json, write_jsonl, \
     writing
-from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
+from .tasks import PROMPT_FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 from .trainer import Collator, DevEval, Run, VideoItems, is_main, last_checkpoint, \
     placement, precision_for, prepare_base, refuse_disk, say, save_adapter, trainer_classes
 
@@ -76,7 +76,7 @@ class TrainConfig:
     setting: str = "auto"  # sft (one adapter per dataset) | it (one adapter on all) | auto: it for all / video
     preset: str = "paper"  # paper | fast
     out: str = "runs/train"
-    modality: str = "auto"  # auto: video for a vision-language model (mmla.models.modality_of), else text
+    modality: str = "auto"  # auto: video for a vision-language model (mmla.resolve.resolve_model), else text
     family: str | None = None  # training prompts: llamafactory_text / llamafactory_video (faithful) | clean
     protocol: str = "official"  # chat wrapping: official training template | clean (tokenizer's own)
     limit: int | None = None  # first N train rows per dataset (quick runs)
@@ -206,20 +206,14 @@ def setting_of(datasets, setting: str = "auto") -> str:
 
 
 def model_info(model: str, modality: str = "auto", trust_remote_code: bool = False) -> tuple[str, dict]:
-    """(modality, the model family's row of mmla.models.FAMILIES) for a model; errors are one line."""
-    from .models import family_of, read_config as model_config, takes_images
+    """(modality, the model family's row of mmla.resolve.MODEL_FAMILIES as a dict) for a model; errors are one
+    line. The same resolver as predict's (mmla.resolve.resolve_model)."""
+    from .resolve import resolve_model
 
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got '{modality}'")
-    if modality == "text" or (modality == "auto" and str(model) == "smollm2-135m"):
-        return "text", {}
-    config = model_config(model, trust_remote_code)
-    if not takes_images(config):
-        if modality == "video":
-            raise ValueError(f"model '{model}' is a {config.model_type} text model: it cannot take video "
-                             f"(use modality=text)")
-        return "text", {}
-    return "video", family_of(config)
+    r = resolve_model(model, modality=modality, protocol="clean", trust_remote_code=trust_remote_code)
+    return r.modality, (r.family.record() if r.family is not None and r.modality == "video" else {})
 
 
 def _preset_values(cfg_preset: str, setting: str, modality: str, table: str | None, dataset: str | None) -> dict:
@@ -298,8 +292,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.eval_family is None:
         cfg.eval_family = "infer_script" if cfg.family.startswith("llamafactory_") else cfg.family
     for key in ("family", "eval_family"):
-        if getattr(cfg, key) not in FAMILIES:
-            raise ValueError(f"{key} must be one of {', '.join(FAMILIES)}, got '{getattr(cfg, key)}'")
+        if getattr(cfg, key) not in PROMPT_FAMILIES:
+            raise ValueError(f"{key} must be one of {', '.join(PROMPT_FAMILIES)}, got '{getattr(cfg, key)}'")
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_rank", "eval_batch_size",
                 "eval_max_new_tokens", "save_steps", "logging_steps", "limit", "eval_limit", "max_steps", "threads",
                 "concurrent_rows"):
@@ -575,10 +569,10 @@ def train(cfg: TrainConfig, progress: bool = True, model=None,
 
 def merge(model: str, adapter: str, out: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
     """Base model + LoRA adapter -> one merged model directory (safetensors) with its tokenizer or processor."""
-    from .models import load_model, modality_of
+    from .models import load_model
 
     merged, tok = load_model(model, adapter=adapter, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
-                             modality=modality_of(model, trust_remote_code), merge=True)
+                             modality=model_info(model, "auto", trust_remote_code)[0], merge=True)
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     with writing(dest):
