@@ -180,6 +180,26 @@ VIDEO_PRESETS = {
         "it": (1.0e-4, 5, 0.3, 8, 4),
         "eval_steps": {"sft": 5, "it": 10},
     },
+    # Qwen2-VL-72B: the 72B yamls (DeepSpeed ZeRO-3 offload over 8 GPUs). Only a merge config was published for its
+    # IT run, so IT takes the 7B IT row.
+    "qwen2-vl-72b": {
+        "sft": {
+            "MIntRec": (1.0e-4, 20, 0.1, 4, 2),
+            "MIntRec2.0": (1.0e-4, 20, 0.1, 4, 2),
+            "MELD": (1.1e-4, 10, 0.4, 4, 2),
+            "IEMOCAP": (1.0e-4, 7, 0.2, 2, 2),
+            "MELD-DA": (1.1e-4, 10, 0.5, 4, 2),
+            "IEMOCAP-DA": (3.0e-4, 5, 0.1, 4, 2),
+            "MOSI": (1.0e-4, 10, 0.2, 2, 2),
+            "Ch-sims": (1.0e-4, 10, 0.2, 4, 2),
+            "UR-FUNNY": (3.0e-4, 3, 0.1, 4, 2),
+            "MUStARD": (4.0e-4, 10, 0.3, 2, 2),
+            "AnnoMi-client": (2.0e-4, 5, 0.1, 4, 2),
+            "AnnoMi-therapist": (2.0e-4, 5, 0.1, 4, 2),
+        },
+        "it": (1.0e-4, 5, 0.3, 8, 4),
+        "eval_steps": {"sft": 5, "it": 10},
+    },
 }
 _VIDEO_COMMON = dict(lr_scheduler="cosine", lora_rank=8, lora_alpha=16, lora_dropout=0.0, cutoff_len=1024,
                      max_grad_norm=1.0, weight_decay=0.0, precision="auto", batching="padded",
