@@ -66,6 +66,7 @@ class FrameSetting:
     factor: int = 28  # patch size x spatial merge: frame sides are multiples of it
     sampler: str = "linspace"  # linspace | segments (VideoLLaMA2) | fps-gap (MiniCPM-V via ms-swift)
     resize: str = "smart"  # smart (Qwen2-VL smart_resize) | squash (size x size) | short-crop (side, centre crop)
+    #                        | none (the model's own processor sizes them: MiniCPM-V's slicer)
     size: int | None = None  # squash / short-crop side
     jpeg: bool = False  # JPEG round trip (PIL default quality) before resizing, as the official Qwen2-VL script
 
@@ -89,7 +90,7 @@ SETTINGS: dict[str, FrameSetting] = {
     "videollama2-infer": FrameSetting("videollama2-infer", num_frames=8, fps=1.0, sampler="segments",
                                       resize="short-crop", size=336),
     "minicpm-infer": FrameSetting("minicpm-infer", num_frames=None, fps=1.0, sampler="fps-gap", max_len=64,
-                                  min_frames=1, max_frames=64),
+                                  min_frames=1, max_frames=64, resize="none"),
 }
 
 
@@ -208,6 +209,8 @@ def resize_frames(frames: np.ndarray, setting: FrameSetting) -> np.ndarray:
     if setting.jpeg:
         frames = _jpeg(frames)
     _, h, w, _ = frames.shape
+    if setting.resize == "none":
+        return np.ascontiguousarray(frames)
     if setting.resize == "squash":  # SigLipImageProcessor: resize to size x size, aspect ignored
         return np.ascontiguousarray(_resize(frames, setting.size, setting.size))
     if setting.resize == "short-crop":  # CLIPImageProcessor: shortest side to size, then the centre size x size
