@@ -350,7 +350,7 @@ def test_predict_official_llava_renders_p_b_and_qwen2_vl_p_a(tiny_dir, chsims_ro
     recs, env = _predict(tiny_dir("qwen2-vl"), chsims_root, tmp_path / "qvl")
     assert recs[0]["prompt"] == render("Ch-sims", "infer_script", recs[0]["text"])
     assert "[positive, negative].Respond in the format: 'sentiment: [label]'.  Only one" in recs[0]["prompt"]
-    assert (env["model_family"], env["frame_setting"]["name"]) == ("qwen2-vl", "qwen2-vl-infer")
+    assert (env["model_family"], env["frame_setting"]["name"]) == ("qwen2-vl", "official-infer")
 
 
 def test_predict_official_without_a_row_runs_clean_and_says_so(tiny_dir, chsims_root, tmp_path, capsys):

@@ -118,7 +118,9 @@ _ROWS = [
                 ext=("model.chat defaults: meta_instruction, do_sample, T 0.8, top_p 0.8, max_new_tokens 1024",),
                 defects=("a sampled reply to a first 'hello' turn stays in the context",)),
     ModelFamily("qwen2-vl", "video", ("Qwen2-VL-7B", "Qwen2-VL-72B"), ("qwen2_vl",),
-                video_at="video part before the text", frames="qwen2-vl-infer", train_frames="official-train",
+                # frames: official-infer keeps today's default (no JPEG round trip); qwen2-vl-infer adds it (the paper
+                # configs use that one)
+                video_at="video part before the text", frames="official-infer", train_frames="official-train",
                 decoding={"checkpoint": True}, max_new_tokens=128, processor_kwargs=_QWEN_VL_PROCESSOR,
                 paper_preset="qwen2-vl-7b", checkpoints=("Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-72B-Instruct"),
                 ext=("default system turn of the chat template", "top_k 1, rep 1.05 from the generation_config")),
@@ -145,7 +147,7 @@ _ROWS = [
                             "`videos=[frames]`, so mmla's video path cannot drive it; run it through ms-swift or "
                             "a vLLM server (--backend openai)"),
     # Not in the paper: known architectures without an official setting of their own.
-    ModelFamily("qwen2.5-vl", "video", (), ("qwen2_5_vl",), frames="qwen2-vl-infer", train_frames="official-train",
+    ModelFamily("qwen2.5-vl", "video", (), ("qwen2_5_vl",), frames="official-infer", train_frames="official-train",
                 decoding={"checkpoint": True}, max_new_tokens=128, processor_kwargs=_QWEN_VL_PROCESSOR,
                 paper_preset="qwen2-vl-7b", checkpoints=("Qwen/Qwen2.5-VL-7B-Instruct",),
                 ext=("borrows Qwen2-VL's official setting (the paper has no Qwen2.5-VL row)",)),
