@@ -269,7 +269,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         setting = getattr(inputs, "setting", setting)
         decoding = decoding_for(cfg, model, inputs, res.family, res.protocol)
         if cfg.num_samples > 1 and not decoding.do_sample:
-            raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
+            raise ValueError(f"--num-samples {cfg.num_samples}: the {res.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
     t_load = time.perf_counter() - t_load
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)

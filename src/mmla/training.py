@@ -232,6 +232,8 @@ def model_info(model: str, modality: str = "auto", trust_remote_code: bool = Fal
 
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got '{modality}'")
+    if modality == "text":  # nothing to read: training a text model needs no row (and works offline)
+        return "text", {}
     r = resolve_model(model, modality=modality, protocol="clean", trust_remote_code=trust_remote_code)
     return r.modality, (r.family.record() if r.family is not None and r.modality == "video" else {})
 
