@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     sp.add_argument("--setting", default="zero-shot", choices=("zero-shot", "sft", "it"))
-    sp.add_argument("--paper-model", help="show the paper's numbers for this model (e.g. Qwen2-1.5B)")
+    sp.add_argument("--paper-model", help="the paper's model this run reproduces (e.g. Qwen2-1.5B): its official "
+                    "setting when the model's config names none, and its numbers beside yours")
     sp.add_argument("--name", help="a short label for reports")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--out", required=True, help="run directory (rerun to resume)")
