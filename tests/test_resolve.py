@@ -417,3 +417,31 @@ def test_native_paper_config_runs_its_zero_shot_stage(name, tiny_dir, chsims_roo
     assert (env["model_family"], env["protocol_applied"]) == (row.name, "official")
     assert all(r["prompt"] == render("Ch-sims", row.prompt_family, r["text"]) for r in recs)
     assert all(not r.get("clip_error") for r in recs)
+
+
+def test_internlm_hello_turn_is_sampled_per_row_and_kept_in_the_context(tiny_dir, data_root, tmp_path):
+    """InternLM2.5's official script chats "hello" first and keeps the sampled reply; the answer is lower-cased with
+    newlines removed. The tiny Llama stands in (its config names no row: --paper-model picks InternLM's)."""
+    from mmla.inference import PredictConfig, predict
+
+    model, tok = _load(tiny_dir("llama"), video_model=False)
+    inputs = make_inputs(model, tok, None, MODEL_FAMILIES["internlm2.5"])
+    text = inputs.chat([P_A], "official", histories=[[("hello", "Hi!")]])[0]
+    assert text == tok.apply_chat_template(
+        [{"role": "system", "content": MODEL_FAMILIES["internlm2.5"].system}, {"role": "user", "content": "hello"},
+         {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": P_A}],
+        tokenize=False, add_generation_prompt=True)
+    outs = {}
+    for batch in (1, 4):
+        out = tmp_path / f"b{batch}"
+        predict(PredictConfig(model=str(tiny_dir("llama")), data=str(data_root), datasets=["MOSI"], limit=3,
+                              paper_model="InternLM2.5-7B", max_new_tokens=6, batch_size=batch, threads=1,
+                              device="cpu", out=str(out)), progress=False)
+        recs = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+        env = json.loads((out / "env.json").read_text())
+        assert env["model_family"] == "internlm2.5" and env["decoding"]["do_sample"] is True
+        assert all(r["history"][0][0] == "hello" and r["history"][0][1] for r in recs)
+        assert all(r["output"] == r["output"].lower() and "\n" not in r["output"] for r in recs)
+        outs[batch] = {r["id"]: (r["history"][0][1], r["output"]) for r in recs}
+    assert outs[1] == outs[4]  # seeded per row: the same replies and answers whatever the batch
+    assert len({h for h, _ in outs[1].values()}) > 1  # sampled per row, not once for all

@@ -268,6 +268,8 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         inputs.time_from_clip = res.protocol == "clean"
         setting = getattr(inputs, "setting", setting)
         decoding = decoding_for(cfg, model, inputs, res.family, res.protocol)
+        if res.protocol == "official" and res.family is not None and res.family.warmup_turn and cfg.mode == "generate":
+            inputs.histories = _warmup(cfg, model, inputs, decoding, todo, res.family.warmup_turn)
         if cfg.num_samples > 1 and not decoding.do_sample:
             raise ValueError(f"--num-samples {cfg.num_samples}: the {res.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
@@ -330,6 +332,17 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     return result
 
 
+def _warmup(cfg: PredictConfig, model, inputs, decoding: Decoding, todo: list, turn: str) -> list:
+    """The official InternLM script's first exchange, per row: `turn` ("hello") and a reply sampled as the answer
+    will be (seeded per row, so a resume gets the same reply). Returns each todo row's history."""
+    from . import engine
+
+    rows = inputs.encode(inputs.chat([turn], "official") * len(todo))
+    seeds = [row_seed(cfg.seed, e.dataset, f"{e.id}|{turn}", k) for e, k in todo]
+    replies = engine.generate(model, inputs, rows, decoding=decoding, batch_size=cfg.batch_size, seeds=seeds)
+    return [[(turn, r)] for r in replies]
+
+
 def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict:
     """load_model's placement arguments: one device, or --device-map auto over this rank's GPUs, then CPU, then
     an offload folder in the run directory."""
@@ -390,7 +403,9 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
                 except video_mod.ClipError as err:
                     errors[j] = str(err)
         ok = [j for j in range(len(ex)) if errors[j] is None]
-        texts = inputs.chat([prompts[j] for j in ok], cfg.protocol)
+        histories = getattr(inputs, "histories", None)
+        texts = inputs.chat([prompts[j] for j in ok], cfg.protocol,
+                            **({"histories": [histories[chunk[j]] for j in ok]} if histories else {}))
         fr = [frames[j] for j in ok] if video else None
         if cfg.mode == "score":
             cands = [candidates(ex[j].dataset, cfg.family, cfg.split, inputs.modality) for j in ok]
@@ -407,9 +422,11 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
         e, k = todo[p["chunk"][j]]
         if output and cfg.mode == "generate":
             output = clean_output(row, cfg.protocol, output, p["heads"].get(j, ""))
+        histories = getattr(inputs, "histories", None)
         rec = {"dataset": e.dataset, "split": e.split, "id": e.id, **({"sample": k} if cfg.num_samples > 1 else {}),
                "text": e.text, "label": e.label, "prompt": p["prompts"][j], "output": output,
-               "pred": parse_output(output, get_task(e.dataset).labels)}
+               "pred": parse_output(output, get_task(e.dataset).labels),
+               **({"history": histories[p["chunk"][j]]} if histories else {})}
         if video:
             clip = p["clips"][j]
             rec["video"] = clip.record(root) if clip.path is not None else None

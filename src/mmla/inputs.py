@@ -66,9 +66,15 @@ class TextInputs:
                 [{"role": "user", "content": prompt}]
         return chat_messages(prompt, protocol, self.kind, training=training)
 
-    def chat(self, prompts: list[str], protocol: str, training: bool = False) -> list[str]:
-        """The full model input strings, each ending with the assistant turn's header."""
+    def chat(self, prompts: list[str], protocol: str, training: bool = False,
+             histories: list[list[tuple[str, str]]] | None = None) -> list[str]:
+        """The full model input strings, each ending with the assistant turn's header. `histories`: earlier
+        (user, assistant) turns per prompt, put after the system turn (InternLM's official "hello" exchange)."""
         msgs = [self.messages(p, protocol, training) for p in prompts]
+        for m, turns in zip(msgs, histories or ()):
+            at = 1 if m and m[0]["role"] == "system" else 0
+            m[at:at] = [t for u, a in turns for t in ({"role": "user", "content": u},
+                                                      {"role": "assistant", "content": a})]
         if not msgs:
             return []
         return self._template(msgs)
