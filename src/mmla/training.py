@@ -235,7 +235,8 @@ def model_info(model: str, modality: str = "auto", trust_remote_code: bool = Fal
     if modality == "text":  # nothing to read: training a text model needs no row (and works offline)
         return "text", {}
     r = resolve_model(model, modality=modality, protocol="clean", trust_remote_code=trust_remote_code)
-    return r.modality, (r.family.record() if r.family is not None and r.modality == "video" else {})
+    row = r.family.record() if r.family is not None and r.modality == "video" else {}
+    return r.modality, {k: v for k, v in row.items() if v is not None}  # unset: the defaults apply
 
 
 def _preset_values(cfg_preset: str, setting: str, modality: str, table: str | None, dataset: str | None) -> dict:
