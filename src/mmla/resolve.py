@@ -133,7 +133,8 @@ _ROWS = [
                 template=MISTRAL_SYS, video_at="'<video>\\n' before the text", frames="videollama2-infer",
                 decoding={"do_sample": False}, max_new_tokens=2048, cleanup="strip", route="unsupported",
                 checkpoints=("DAMO-NLP-SG/VideoLLaMA2-7B",),
-                ext=("Mistral [INST] chat template of the checkpoint tokenizer",),
+                ext=("Mistral [INST] chat template of the checkpoint tokenizer",
+                     "the <<SYS>> text past its first sentence: Llama-2's default system prompt, as the sheet quotes"),
                 unsupported="no transformers class and no remote code: it needs the VideoLLaMA2 repository's "
                             "modified package (STC connector, Videollama2MistralForCausalLM), which mmla does not "
                             "vendor; serve it behind an OpenAI-compatible server (--backend openai) if you have one"),
@@ -244,6 +245,8 @@ def resolve_model(model: str | os.PathLike, *, modality: str = "auto", protocol:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
     if local and config is None:
         config = read_model_config(model, trust_remote_code)
+        if config is None and modality == "video":  # the embedded alias: a text model, read without converting it
+            raise ValueError(f"model '{model}' is a llama text model: it cannot take video (use modality=text)")
     modality = modality_from_config(config, str(model), modality)
     row = family_for(config, paper_model)
     if row is not None and row.modality != modality:
