@@ -45,7 +45,9 @@ from mmla import video as V  # noqa: E402
 from mmla.data import load_split  # noqa: E402
 from mmla.decode import DecodePool, decoder_name  # noqa: E402
 from mmla.inputs import make_inputs  # noqa: E402
-from mmla.models import family_of, load_model, pick_device  # noqa: E402
+from mmla.backends.local import LocalBackend  # noqa: E402
+from mmla.models import load_model, pick_device  # noqa: E402
+from mmla.resolve import family_of  # noqa: E402
 from mmla.prompts import render  # noqa: E402
 
 
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
         model, proc = load_model(model_dir, dtype=args.dtype, modality="video")
         setting = V.frame_setting(family_of(model.config).get("frames", "official-infer"))
         inputs = make_inputs(model, proc, setting)
-        decoding = inference.decoding_for(cfg, model, inputs)
+        decoding = inference.decoding_for(cfg, LocalBackend.of(model, inputs), inputs.row)
         examples = load_split(root, "MELD", "test").examples
         n = len(examples)
         warm = prepare_alone(cfg, inputs, examples[:2], V.FrameCache(enabled=False), 1)  # untimed warm-up

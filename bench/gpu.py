@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="mmla-gpu-"))
     tiny = None
     if args.dry_run:
-        from mmla.models import build_tiny_model
+        from mmla.tiny import build_tiny_model
 
         tiny = str(build_tiny_model("llama", tmp / "tiny-llama"))
     wanted = set(args.only.split(",")) if args.only else None

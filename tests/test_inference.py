@@ -155,9 +155,11 @@ def _sampling_model(tiny_llama, tmp_path):
 
 def test_sampled_predictions_survive_batching_and_sigkill(tmp_path, tiny_llama, data_root):
     """The official protocol samples (the checkpoint's settings): a row's K answers are the same at batch size 1
-    and 32 and after a SIGKILL + resume; metrics carry the majority vote and mean +/- std over the draws."""
+    and 32 and after a SIGKILL + resume; metrics carry the majority vote and mean +/- std over the draws. (The tiny
+    model names no paper row by itself: --paper-model picks Qwen2's, whose script samples with the checkpoint's
+    generation config.)"""
     model = _sampling_model(tiny_llama, tmp_path)
-    extra = ("--protocol", "official", "--num-samples", "3", "--seed", "7")
+    extra = ("--protocol", "official", "--paper-model", "Qwen2-0.5B", "--num-samples", "3", "--seed", "7")
     runs = {}
     for batch in (1, 32):
         out = tmp_path / f"b{batch}"

@@ -16,6 +16,7 @@ from mmla.inference import PredictConfig, predict
 from mmla.inputs import VideoInputs, make_inputs
 from mmla.models import load_model
 from mmla.prompts import Decoding, candidates, render
+from mmla.resolve import MODEL_FAMILIES, clean_output
 from mmla.tiny import TINY_VIDEO_ARCHS, build_tiny_video_model
 from test_video import REAL, write_clip, write_corrupt
 
@@ -222,10 +223,18 @@ def test_every_video_architecture_through_mmla_predict(arch, root, tmp_path):
     recs = [r for r in _lines(tmp_path / "gen" / "predictions.jsonl") if "clip_error" not in r]
     assert len(recs) == 5
     model, proc = load_model(str(path), device="cpu", modality="video")
-    inputs = make_inputs(model, proc, V.SETTINGS["official-infer"])
+    # the run's own setting: its family's official frames, or the clean protocol where the paper has no row
+    env = json.loads((tmp_path / "gen" / "env.json").read_text())
+    setting = V.FrameSetting(**env["frame_setting"])
+    inputs = make_inputs(model, proc, setting, MODEL_FAMILIES.get(env["model_family"]))
+    inputs.time_from_clip = env["protocol_applied"] == "clean"
+    if arch == "llava-onevision":
+        assert env["model_family"] == "llava-onevision" and setting.name == "llava-infer"
     for r in recs:
-        row = inputs.encode(inputs.chat([r["prompt"]], "official"), [V.load_frames(root / r["video"], inputs.setting)])
-        assert r["output"] == _reference_generate(model, inputs, row[0], max_new_tokens=5), r["id"]
+        row = inputs.encode(inputs.chat([r["prompt"]], env["protocol_applied"]),
+                            [V.load_frames(root / r["video"], inputs.setting)])
+        ref = _reference_generate(model, inputs, row[0], max_new_tokens=5)
+        assert r["output"] == clean_output(inputs.row, env["protocol_applied"], ref), r["id"]
     assert cli.main(base + ["--mode", "score", "--protocol", "clean", "--out", str(tmp_path / "score")]) == 0
     scored = [r for r in _lines(tmp_path / "score" / "predictions.jsonl") if "clip_error" not in r]
     assert len(scored) == 5

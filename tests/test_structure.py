@@ -10,7 +10,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mmla"
 LAYERS = [
     {"__init__", "tasks", "config", "errors", "stats"},
     {"data", "prompts", "evaluation", "runs", "paper", "decode"},
-    {"video", "models", "compare", "plots"},
+    {"video", "models", "resolve", "compare", "plots"},
+    {"llava_video"},
     {"tiny", "inputs"},
     {"backends"},
     {"engine", "backends.local", "backends.openai"},

@@ -1,6 +1,6 @@
 import pytest
 
-from mmla.tasks import DATASETS, FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
+from mmla.tasks import DATASETS, PROMPT_FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 
 def test_registry_matches_protocol_table():
@@ -35,4 +35,4 @@ def test_parse_datasets_rejects(bad):
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown prompt family"):
         get_task("MELD").style("nope")
-    assert "clean" in FAMILIES
+    assert "clean" in PROMPT_FAMILIES

@@ -207,3 +207,16 @@ def test_check_data_cli(tmp_path, videos_dir):
     assert V.check_data(root, ["MOSI"])["datasets"]["MOSI"]["note"].startswith("no videos")
     with pytest.raises(ValueError, match="data root not found"):
         V.check_data(tmp_path / "nowhere", ["MELD"])
+
+
+def test_official_samplers_of_the_other_paper_models():
+    """VideoLLaMA2's segment centres and ms-swift's MiniCPM-V loader, on frame counts where rounding matters."""
+    assert V.segment_indices(100, 8).tolist() == [6, 19, 31, 43, 56, 68, 80, 93]  # seg 12.375: round(6.1875) ...
+    # seg 1: every centre is k + 0.5; np.round alone would round half to even (0, 2, 2, 4, ...), the +1e-6 lifts it
+    assert V.segment_indices(9, 8).tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert V.fps_gap_indices(90, 29.97).tolist() == [0, 30, 60]  # every round(fps)-th frame
+    many = V.fps_gap_indices(30 * 100, 30.0)  # 100 s at 30 fps: 100 candidates, 64 kept
+    assert len(many) == 64 and many[0] == 30 * int(100 / 64 / 2) and many[-1] == 30 * int(63 * 100 / 64 + 100 / 128)
+    s = V.SETTINGS["videollama2-infer"]
+    assert V.sample_indices(s, 100, 4.0).tolist() == V.segment_indices(100, 8).tolist()
+    assert V.sample_indices(V.SETTINGS["minicpm-infer"], 90, 3.0, 29.97).tolist() == [0, 30, 60]

@@ -334,7 +334,7 @@ def frame_args(sp) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import backends
     from .prompts import PROTOCOLS
-    from .tasks import FAMILIES, SPLITS
+    from .tasks import PROMPT_FAMILIES, SPLITS
 
     p = _Parser(prog="mmla", description="MMLA benchmark: prompts, inference, evaluation, reports.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(sp)
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--split", default="test", choices=SPLITS)
-    sp.add_argument("--family", default="clean", choices=FAMILIES)
+    sp.add_argument("--family", default="clean", choices=PROMPT_FAMILIES)
     sp.add_argument("--modality", default="text", choices=("text", "video"))
     sp.add_argument("--limit", type=_positive_int)
     sp.set_defaults(func=cmd_prompts)
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="test", choices=SPLITS)
     sp.add_argument("--mode", default="generate", choices=("generate", "score"))
     sp.add_argument("--protocol", default="official", choices=PROTOCOLS)
-    sp.add_argument("--family", choices=FAMILIES, help="prompt family (default: infer_script if official, else clean)")
+    sp.add_argument("--family", choices=PROMPT_FAMILIES, help="prompt family (default: infer_script if official, else clean)")
     sp.add_argument("--limit", type=_positive_int, help="first N rows of each dataset")
     sp.add_argument("--batch-size", type=_positive_int, default=32)
     sp.add_argument("--max-new-tokens", type=_positive_int)
@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     sp.add_argument("--setting", default="zero-shot", choices=("zero-shot", "sft", "it"))
-    sp.add_argument("--paper-model", help="show the paper's numbers for this model (e.g. Qwen2-1.5B)")
+    sp.add_argument("--paper-model", help="the paper's model this run reproduces (e.g. Qwen2-1.5B): its official "
+                    "setting when the model's config names none, and its numbers beside yours")
     sp.add_argument("--name", help="a short label for reports")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--out", required=True, help="run directory (rerun to resume)")

@@ -27,10 +27,10 @@ from . import data as data_mod
 from . import distributed
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
-from .prompts import PROTOCOLS, Decoding, candidates, official_decoding, render
+from .prompts import PROTOCOLS, Decoding, candidates, render
 from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, open_run, read_jsonl, read_run_config, \
     startup_done, write_config, write_json
-from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
+from .tasks import PROMPT_FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")
 # A prompt longer than the model's context, as lm-evaluation-harness treats it (it keeps a context's end), but cutting
@@ -87,15 +87,16 @@ _IDENTITY = ("model", "adapter", "split", "mode", "protocol", "family", "modalit
 
 def resolve(cfg: PredictConfig) -> PredictConfig:
     """Validate and fill defaults; every error is one line."""
-    from .models import modality_of
-
     cfg = dataclasses.replace(cfg)
     if cfg.modality not in MODALITIES:
         raise ValueError(f"--modality must be one of {', '.join(MODALITIES)}, got '{cfg.modality}'")
     if cfg.backend not in backends.names():
         raise ValueError(f"--backend must be one of {', '.join(backends.names())}, got '{cfg.backend}'")
-    if cfg.modality == "auto":  # a served model may have no config here: text unless told
-        cfg.modality = modality_of(cfg.model, cfg.trust_remote_code) if cfg.backend == "local" else "text"
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{cfg.protocol}'")
+    # a served model may have no config here: text unless told, its family from --paper-model
+    model = resolved(cfg)
+    cfg.modality = model.modality
     spec = cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0]
     if cfg.modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
         spec = "video"
@@ -105,15 +106,13 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         if no_video:
             raise ValueError(f"no videos are released for {', '.join(no_video)}: use --datasets video "
                              f"({', '.join(VIDEO_DATASETS)}) or --modality text")
-        video_mod.frame_setting(cfg.frames or "official-infer", num_frames=cfg.num_frames, fps=cfg.fps,
+        video_mod.frame_setting(cfg.frames or _default_frames(model), num_frames=cfg.num_frames, fps=cfg.fps,
                                 max_pixels=cfg.max_pixels)  # validates
     if cfg.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
-    if cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{cfg.protocol}'")
-    cfg.family = cfg.family or ("infer_script" if cfg.protocol == "official" else "clean")
-    if cfg.family not in FAMILIES:
-        raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got '{cfg.family}'")
+    cfg.family = cfg.family or model.prompt_family
+    if cfg.family not in PROMPT_FAMILIES:
+        raise ValueError(f"--family must be one of {', '.join(PROMPT_FAMILIES)}, got '{cfg.family}'")
     if cfg.split not in data_mod.SPLITS:
         raise ValueError(f"--split must be one of {', '.join(data_mod.SPLITS)}, got '{cfg.split}'")
     if cfg.num_samples > 1 and cfg.mode == "score":
@@ -152,19 +151,27 @@ def dedupe(records: list[dict]) -> list[dict]:
     return list({key(r): r for r in records}.values())
 
 
-def decoding_for(cfg: PredictConfig, model, inputs) -> Decoding:
-    """The protocol's decoding: the official script's (per model kind / family) or greedy (clean). `model` gives
-    the checkpoint's generation_config, `inputs` the modality, kind and family (a backend gives all of them)."""
-    if cfg.protocol == "official":
-        if inputs.modality == "video":  # the official MLLM infer.py: the checkpoint's generation config
-            decoding = official_decoding("qwen", model.generation_config)
-            decoding.max_new_tokens = inputs.family.get("max_new_tokens", decoding.max_new_tokens)
-        else:
-            decoding = official_decoding(inputs.kind, model.generation_config)
-    else:
-        decoding = Decoding()
-    decoding.max_new_tokens = cfg.max_new_tokens or decoding.max_new_tokens
-    return decoding
+def resolved(cfg: PredictConfig):
+    """The run's model through the one resolver (mmla.resolve): modality, family row, the protocol that applies."""
+    from .resolve import resolve_model
+
+    return resolve_model(cfg.model, modality=cfg.modality, protocol=cfg.protocol, paper_model=cfg.paper_model,
+                         trust_remote_code=cfg.trust_remote_code, local=cfg.backend == "local")
+
+
+def _default_frames(model) -> str:
+    row = model.family
+    return (row.frames if row is not None and row.frames and model.protocol == "official" else None) or \
+        "official-infer"
+
+
+def decoding_for(cfg: PredictConfig, backend, row=None, protocol: str | None = None) -> Decoding:
+    """The protocol's decoding: the row's official script's (mmla.resolve) or greedy (clean). The backend gives the
+    checkpoint's generation config and the model's context."""
+    from .resolve import decoding_for as row_decoding
+
+    return row_decoding(row, protocol or cfg.protocol, backend.generation_config, cfg.max_new_tokens,
+                        backend.context_length)
 
 
 def row_seed(seed: int, dataset: str, id_: str, sample: int = 0) -> int:
@@ -212,14 +219,20 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
 
         torch.set_num_threads(cfg.threads)
     video = cfg.modality == "video"
-    backend = decoding = None
+    res = resolved(cfg)  # the model family's row, and the protocol that applies (official needs a row)
+    if res.note and ranks.main:
+        print(f"note: {res.note}", file=sys.stderr)
+    run_cfg = dataclasses.replace(cfg, protocol=res.protocol)
+    backend = decoding = histories = None
     startup_done()  # the imports are done (load_model does it too; a server backend loads no model)
     t_load = time.perf_counter()
     if todo:
-        backend = backends.create(cfg.backend, _options(cfg, out, ranks))
-        decoding = decoding_for(cfg, backend, backend)
+        backend = backends.create(cfg.backend, _options(cfg, res, out, ranks))
+        decoding = decoding_for(cfg, backend, res.family, res.protocol)
+        if res.protocol == "official" and res.family is not None and res.family.warmup_turn and cfg.mode == "generate":
+            histories = _warmup(cfg, backend, decoding, todo, res.family.warmup_turn)
         if cfg.num_samples > 1 and not decoding.do_sample:
-            raise ValueError(f"--num-samples {cfg.num_samples}: the {cfg.protocol} protocol decodes greedily for "
+            raise ValueError(f"--num-samples {cfg.num_samples}: the {res.protocol} protocol decodes greedily for "
                              f"this model, so every draw would be the same")
     t_load = time.perf_counter() - t_load
     # the frames this run directory's rows were made with: the backend's, or (nothing left to do) the last run's
@@ -230,7 +243,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     if ranks.main:
         write_config(out / "config.yaml", {**dataclasses.asdict(cfg), **({"frame_setting": frames} if frames else {})})
     env = {**environment(None), **({"hf_device_map": None} if cfg.device_map else {}),
-           "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped}
+           "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped, **res.record()}
     if backend is not None:
         env.update(backend.describe())
     if video:
@@ -247,7 +260,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         sink = (JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
                 if ranks.world == 1 else JsonlAppender(distributed.part_path(out, ranks.rank)))
         try:
-            stats = _run(cfg, backend, decoding, cache, todo, sink, progress)
+            stats = _run(run_cfg, backend, decoding, cache, todo, sink, progress, histories)
         finally:
             sink.close()
             if ranks.main:  # what the backend learnt while running (a server's model id and fingerprint)
@@ -295,17 +308,32 @@ def candidate_probs(scored) -> list[float]:
     return [round(x / total, 6) for x in w]
 
 
-def _frames(cfg: PredictConfig) -> dict:
-    return {"name": cfg.frames, "num_frames": cfg.num_frames, "fps": cfg.fps, "max_pixels": cfg.max_pixels}
-
-
-def _options(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> backends.Options:
-    """What a backend is built from: plain values."""
-    return backends.Options(model=cfg.model, modality=cfg.modality,
-                            frames=_frames(cfg) if cfg.modality == "video" else None, adapter=cfg.adapter,
-                            dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+def _options(cfg: PredictConfig, res, out: Path, ranks: distributed.Ranks) -> backends.Options:
+    """What a backend is built from: plain values, and the resolver's family row."""
+    frames = {"name": cfg.frames or _default_frames(res), "num_frames": cfg.num_frames, "fps": cfg.fps,
+              "max_pixels": cfg.max_pixels}
+    return backends.Options(model=cfg.model, modality=cfg.modality, frames=frames if cfg.modality == "video" else None,
+                            family=res.family, protocol=res.protocol, adapter=cfg.adapter, dtype=cfg.dtype,
+                            device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                             placement=_placement(cfg, out, ranks), base_url=cfg.base_url,
                             api_key_env=cfg.api_key_env, concurrency=cfg.concurrency)
+
+
+def _warmup(cfg: PredictConfig, backend, decoding: Decoding, todo: list, turn: str) -> list:
+    """The official InternLM script's first exchange, per row: `turn` ("hello") and a reply drawn as the answer
+    will be (seeded per row, so a resume gets the same reply). Returns each todo row's history."""
+    rows = backend.prepare([turn] * len(todo), "official")
+    replies = [""] * len(todo)
+
+    def keep(r: int, text: str) -> None:
+        replies[r] = text
+
+    if decoding.do_sample:
+        seeds = [row_seed(cfg.seed, e.dataset, f"{e.id}|{turn}", k) for e, k in todo]
+        backend.sample(rows, decoding=decoding, seeds=seeds, batch_size=cfg.batch_size, on_result=keep)
+    else:
+        backend.generate(rows, decoding=decoding, batch_size=cfg.batch_size, on_result=keep)
+    return [[(turn, r)] for r in replies]
 
 
 def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict | None:
@@ -373,7 +401,8 @@ class _Stager:
         self.pool.close()
 
 
-def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppender, progress: bool) -> dict:
+def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppender, progress: bool,
+         histories: list | None = None) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
     batches, so only their frames are in memory. With several decode workers (mmla.decode.DecodePool, in `_Stager`)
@@ -381,8 +410,12 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
     memory."""
     from tqdm.auto import tqdm
 
+    from .resolve import clean_output
+
     video = backend.modality == "video"
     stager = _Stager(cfg, todo, backend.setting, cache) if video else None
+    row = backend.row if cfg.protocol == "official" else None
+    whole = row is not None and row.decoded == "whole" and cfg.mode == "generate"
     root = Path(cfg.data)
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)
     timing = {"seconds_prepare": 0.0, "seconds_model": 0.0}  # prepare overlaps the model: seconds_run is the wall
@@ -408,13 +441,14 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
         fr = [frames[j] for j in ok] if video else None
         cands = ([candidates(ex[j].dataset, cfg.family, cfg.split, backend.modality) for j in ok]
                  if cfg.mode == "score" else None)
-        rows = backend.prepare([prompts[j] for j in ok], cfg.protocol, fr, cands)
+        hist = [histories[chunk[j]] for j in ok] if histories else None
+        rows = backend.prepare([prompts[j] for j in ok], cfg.protocol, fr, cands, hist)
         context = {}  # rows past the model's context: their utterance cut, or the row refused
         for r, over in enumerate(backend.excess(rows, new_tokens)):
             if over:
                 j = ok[r]
                 context[j], fitted = _fit(backend, cfg, ex[j], fr[r] if video else None,
-                                          cands[r] if cands else None, new_tokens)
+                                          cands[r] if cands else None, new_tokens, hist[r] if hist else None)
                 if fitted:
                     prompts[j], rows[r] = fitted
         refused = {r for r, j in enumerate(ok) if "refused" in context.get(j, {})}
@@ -422,15 +456,20 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
             rows = [x for r, x in enumerate(rows) if r not in refused]
             cands = [c for r, c in enumerate(cands) if r not in refused] if cands else None
             ok = [j for r, j in enumerate(ok) if r not in refused]
+        # the decoded prompt, for a script that decodes the whole sequence (special tokens kept, as batch_decode)
+        heads = dict(zip(ok, backend.heads(rows))) if whole else {}
         timing["seconds_prepare"] += time.perf_counter() - t0
         return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands,
-                    context=context)
+                    context=context, heads=heads)
 
     def record(p: dict, j: int, output: str, probs: list[float] | None = None) -> None:
         e, k = todo[p["chunk"][j]]
+        if output and cfg.mode == "generate":
+            output = clean_output(row, cfg.protocol, output, p["heads"].get(j, ""))
         rec = {"dataset": e.dataset, "split": e.split, "id": e.id, **({"sample": k} if cfg.num_samples > 1 else {}),
                "text": e.text, "label": e.label, "prompt": p["prompts"][j], "output": output,
-               "pred": parse_output(output, get_task(e.dataset).labels)}
+               "pred": parse_output(output, get_task(e.dataset).labels),
+               **({"history": histories[p["chunk"][j]]} if histories else {})}
         if probs is not None:  # score mode: the candidates' probabilities, in the candidate (= task label) order
             rec["probs"] = probs
         if video:
@@ -482,7 +521,8 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
             "past_context": past_context}
 
 
-def _fit(backend, cfg: PredictConfig, e: data_mod.Example, frames, cands, new_tokens: int) -> tuple[dict, tuple | None]:
+def _fit(backend, cfg: PredictConfig, e: data_mod.Example, frames, cands, new_tokens: int,
+         history: list | None = None) -> tuple[dict, tuple | None]:
     """A row past the model's context: the most of the utterance's end that fits (lm-evaluation-harness keeps the
     end of a context too long for the model), as (record, (prompt, row)); with nothing of it left (the rest of the
     prompt, or the clip, fills the context alone) the row is refused: (record, None)."""
@@ -491,7 +531,7 @@ def _fit(backend, cfg: PredictConfig, e: data_mod.Example, frames, cands, new_to
     def attempt(k: int):
         prompt = render(e.dataset, cfg.family, " ".join(words[len(words) - k:]), cfg.split, backend.modality)
         row = backend.prepare([prompt], cfg.protocol, [frames] if frames is not None else None,
-                              [cands] if cands is not None else None)[0]
+                              [cands] if cands is not None else None, [history] if history is not None else None)[0]
         return backend.excess([row], new_tokens)[0], prompt, row
 
     lo, hi, best = 0, len(words) - 1, None  # the most words k < len(words) that fit

@@ -14,7 +14,7 @@ trainer exist once and call an `Inputs`:
 `TextInputs` wraps a tokenizer. `VideoInputs` wraps a transformers processor (`AutoProcessor`): frames decoded by
 mmla (PyAV + the frame cache, mmla.video) go to the processor as arrays with their fps, so any transformers-native
 video-LLM works through its own processor and chat template, with no code per model. What must stay per model is data
-in `models.FAMILIES`.
+in `resolve.MODEL_FAMILIES` (a row given by the caller, else the one the model's config names).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import video as video_mod
-from .models import family_of
+from .resolve import ModelFamily, family_for
 from .prompts import chat_messages, model_kind
 
 IGNORE = -100  # label of the tokens the loss skips (prompt, media, padding)
@@ -52,19 +52,29 @@ class TextInputs:
     modality = "text"
     rope_dims = 1
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, family: ModelFamily | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(tokenizer)  # once per run: it reads the vocabulary
+        self.row = family if family is not None else family_for(getattr(model, "config", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.media_token_ids: set[int] = set()
 
     # ---- prompts -> strings
     def messages(self, prompt: str, protocol: str, training: bool = False) -> list[dict]:
+        if protocol == "official" and not training and self.row is not None:  # the row's official system prompt
+            return ([{"role": "system", "content": self.row.system}] if self.row.system else []) + \
+                [{"role": "user", "content": prompt}]
         return chat_messages(prompt, protocol, self.kind, training=training)
 
-    def chat(self, prompts: list[str], protocol: str, training: bool = False) -> list[str]:
-        """The full model input strings, each ending with the assistant turn's header."""
+    def chat(self, prompts: list[str], protocol: str, training: bool = False,
+             histories: list[list[tuple[str, str]]] | None = None) -> list[str]:
+        """The full model input strings, each ending with the assistant turn's header. `histories`: earlier
+        (user, assistant) turns per prompt, put after the system turn (InternLM's official "hello" exchange)."""
         msgs = [self.messages(p, protocol, training) for p in prompts]
+        for m, turns in zip(msgs, histories or ()):
+            at = 1 if m and m[0]["role"] == "system" else 0
+            m[at:at] = [t for u, a in turns for t in ({"role": "user", "content": u},
+                                                      {"role": "assistant", "content": a})]
         if not msgs:
             return []
         return self._template(msgs)
@@ -171,10 +181,13 @@ class VideoInputs(TextInputs):
 
     modality = "video"
 
-    def __init__(self, model, processor, setting: video_mod.FrameSetting):
-        super().__init__(model, processor.tokenizer)
+    def __init__(self, model, processor, setting: video_mod.FrameSetting, family: ModelFamily | None = None):
+        super().__init__(model, processor.tokenizer, family)
         self.processor = processor
-        self.family = family_of(model.config)
+        self.family = self.row.record() if self.row is not None else {}
+        # Under the clean protocol a model that reads time from its inputs (Qwen2.5-VL's temporal positions) is told
+        # the clip's real sampled frame rate; the official script tells it 1 fps whatever the clip (set by the caller).
+        self.time_from_clip = False
         vp = processor.video_processor
         # Frames are resized by mmla to sides that are multiples of the processor's patch x merge size, so that
         # processors which take them as they are (Qwen2-VL) see exactly the official frames.
@@ -199,9 +212,17 @@ class VideoInputs(TextInputs):
         text = lambda s: [{"type": "text", "text": s}] if s else []  # noqa: E731
         content = [{"type": "video"}] + text(prompt) if len(parts) == 1 else \
             text(parts[0]) + [{"type": "video"}] + text(parts[1])
-        system = self.family.get("system")
+        system = self.family.get("system") if protocol == "official" and not training else None
         return ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + \
             [{"role": "user", "content": content}]
+
+    def chat(self, prompts: list[str], protocol: str, training: bool = False) -> list[str]:
+        template = self.family.get("template")
+        if protocol != "official" or training or not template:
+            return super().chat(prompts, protocol, training)
+        # the official script's own conversation template; its image token becomes the processor's video token
+        media = getattr(self.processor, "video_token", None) or VIDEO_TAG
+        return [template.format(system=self.family.get("system") or "", media=media, prompt=p) for p in prompts]
 
     def _template(self, msgs):
         return [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
@@ -215,6 +236,9 @@ class VideoInputs(TextInputs):
     def _process(self, text: str, frames: video_mod.Frames) -> dict:
         n = len(frames.array)
         meta = {"total_num_frames": n, "fps": self.setting.fps, "frames_indices": list(range(n))}
+        if self.time_from_clip and frames.video_fps and frames.total_frames:
+            meta = {"total_num_frames": frames.total_frames, "fps": frames.video_fps,
+                    "frames_indices": list(frames.indices), "duration": frames.duration}
         return self.processor(text=[text], videos=[frames.array], video_metadata=[meta], return_tensors="pt",
                               add_special_tokens=False, **self.processor_kwargs)
 
@@ -319,9 +343,11 @@ def _inner(model):
     return getattr(core, "model", core)
 
 
-def make_inputs(model, tokenizer_or_processor, setting: video_mod.FrameSetting | None = None) -> TextInputs:
-    """The seam for a loaded model: video when it came with a processor that takes videos."""
+def make_inputs(model, tokenizer_or_processor, setting: video_mod.FrameSetting | None = None,
+                family: ModelFamily | None = None) -> TextInputs:
+    """The seam for a loaded model: video when it came with a processor that takes videos. `family`: the row the
+    resolver chose (default: the one the model's config names)."""
     if setting is not None and hasattr(tokenizer_or_processor, "video_processor"):
-        return VideoInputs(model, tokenizer_or_processor, setting)
+        return VideoInputs(model, tokenizer_or_processor, setting, family)
     tok = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
-    return TextInputs(model, tok)
+    return TextInputs(model, tok, family)

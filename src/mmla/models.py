@@ -83,28 +83,6 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     return str(ALIASES[name]()) if name in ALIASES else name
 
 
-# ---------------------------------------------------------------- model families
-# What must stay per model is data, keyed by the config's model_type. A family not listed gets the defaults:
-# the checkpoint's own chat template and generation config, frames as --frames says.
-#   frames            the official frame setting of its zero-shot inference (mmla.video.SETTINGS)
-#   train_frames      ... of its fine-tuning
-#   max_new_tokens    the official inference's generate(max_new_tokens=...)
-#   processor_kwargs  how its processor must be called on frames that mmla already sampled and resized
-#   paper_preset      the per-dataset fine-tuning table of the paper (mmla.training.VIDEO_PRESETS)
-#   system            a system prompt to add to every video chat (None: the template's default)
-_QWEN_VL = dict(frames="official-infer", train_frames="official-train", max_new_tokens=128,
-                processor_kwargs={"do_resize": False, "cap_pixels_per_frame": False}, paper_preset="qwen2-vl-7b")
-FAMILIES: dict[str, dict] = {
-    "qwen2_vl": _QWEN_VL,
-    "qwen2_5_vl": _QWEN_VL,
-    "llava_onevision": dict(frames="official-infer", train_frames="official-train"),
-}
-
-
-def family_of(config) -> dict:
-    return FAMILIES.get(getattr(config, "model_type", None), {})
-
-
 def read_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
     """The model's config, or one line saying why there is none."""
     path = resolve(name_or_path)
@@ -126,13 +104,6 @@ def takes_images(config) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or hasattr(config, "vision_config")
-
-
-def modality_of(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> str:
-    """'video' for a vision-language model, else 'text' (the embedded alias is text without converting it)."""
-    if str(name_or_path) == "smollm2-135m":
-        return "text"
-    return "video" if takes_images(read_config(name_or_path, trust_remote_code)) else "text"
 
 
 # ---------------------------------------------------------------- loading

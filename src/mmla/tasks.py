@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 #   llamafactory_text   text-only LLaMA-Factory train/dev files (what the official LLM fine-tuning trains on)
 #   llamafactory_video  LLaMA-Factory video train/dev files (MLLM fine-tuning), "<video>" first
 #   swift_video_prompt  the ms-swift video prompt files (the released test prompts)
-#   infer_script        the string the official zero-shot infer.py builds at run time (also used after SFT/IT)
+#   infer_script        the string the official zero-shot infer.py builds at run time (also used after SFT/IT):
+#                       P-A of ../shared/OFFICIAL_MODELS.md (LLMs, Qwen2-VL, VideoLLaMA2)
+#   infer_script_llava  the LLaVA-NeXT infer.py's string (P-B): one space before "Only", Ch-sims offered 3 labels
 #   clean               our consistent wording with the correct label lists (recommended for new work)
-FAMILIES = ("llamafactory_text", "llamafactory_video", "swift_video_prompt", "infer_script", "clean")
+# (Named PROMPT_FAMILIES: the model families, which pick one of these per model, are mmla.resolve.MODEL_FAMILIES.)
+PROMPT_FAMILIES = ("llamafactory_text", "llamafactory_video", "swift_video_prompt", "infer_script",
+                   "infer_script_llava", "clean")
 
 SPLITS = ("train", "dev", "test")
 
@@ -76,8 +80,8 @@ class Task:
         return DIMENSIONS[self.task]
 
     def style(self, family: str, split: str = "test", modality: str = "text") -> PromptStyle:
-        if family not in FAMILIES:
-            raise ValueError(f"unknown prompt family '{family}' (known: {', '.join(FAMILIES)})")
+        if family not in PROMPT_FAMILIES:
+            raise ValueError(f"unknown prompt family '{family}' (known: {', '.join(PROMPT_FAMILIES)})")
         base = _family_defaults(self, family, modality)
         over = dict(self.quirks.get(family, {}))
         per_split = over.pop("splits", {}).get(split, {})
@@ -96,6 +100,9 @@ def _family_defaults(task: Task, family: str, modality: str) -> dict:
     if family == "infer_script":
         # infer.py: f"...says: {text}. Based on ...[{labels}].Respond ...'.  Only one ..."
         return dict(task_words=task.task_words, ask="." + ASK_VIDEO, before_respond="", before_only="  ")
+    if family == "infer_script_llava":
+        # LLaVA-NeXT/infer.py: the same f-string with one space before "Only" (its label table has Ch-sims' 3 labels)
+        return dict(task_words=task.task_words, ask="." + ASK_VIDEO, before_respond="", before_only=" ")
     # clean: one wording for every dataset, the correct label list, the words a person would read
     if modality == "video":
         return dict(task_words=task.task_words)

@@ -196,11 +196,13 @@ def _qwen(arch: str):
     return config, processor
 
 
-def _llava_onevision():
+def _llava_onevision(real_size: bool = False):
     import transformers as tf
 
     tok = _tokenizer(["<image>", "<video>"])
     side, patch = 64, 8  # SigLIP 8x8 patches per frame, pooled 2x2 -> 16 video tokens per frame
+    if real_size:  # the checkpoints' geometry: 384 px SigLIP, 14 px patches, 27x27 features, mean = std = 0.5
+        side, patch = 384, 14
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   image_size=side, patch_size=patch)
     config = tf.LlavaOnevisionConfig(
@@ -210,9 +212,11 @@ def _llava_onevision():
         image_grid_pinpoints=[[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
         vision_feature_select_strategy="full", vision_feature_layer=-1)
     size = {"height": side, "width": side}
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if real_size else {}
     processor = tf.LlavaOnevisionProcessor(
-        image_processor=tf.LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=config.image_grid_pinpoints),
-        video_processor=tf.LlavaOnevisionVideoProcessor(size=size), tokenizer=tok,
+        image_processor=tf.LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=config.image_grid_pinpoints,
+                                                        **norm),
+        video_processor=tf.LlavaOnevisionVideoProcessor(size=size, **norm), tokenizer=tok,
         num_image_tokens=(side // patch) ** 2, vision_feature_select_strategy="full",
         chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE)
     return config, processor
@@ -236,23 +240,24 @@ def _internvl():
     return config, processor
 
 
-def tiny_video_parts(arch: str):
-    """(config, processor) of a tiny model of `arch` (one of TINY_VIDEO_ARCHS), nothing written."""
+def tiny_video_parts(arch: str, real_size: bool = False):
+    """(config, processor) of a tiny model of `arch` (one of TINY_VIDEO_ARCHS), nothing written. `real_size`
+    (llava-onevision): the real checkpoints' image geometry, so that token counts per frame are the real ones."""
     if arch in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
         return _qwen(arch)
     if arch == "llava-onevision":
-        return _llava_onevision()
+        return _llava_onevision(real_size)
     if arch == "internvl":
         return _internvl()
     raise ValueError(f"unknown tiny video architecture '{arch}' (known: {', '.join(TINY_VIDEO_ARCHS)})")
 
 
-def build_tiny_video_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def build_tiny_video_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, real_size: bool = False) -> Path:
     """Write a tiny random-init `arch` model and its processor to `out_dir` (fp32 safetensors)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
-    config, processor = tiny_video_parts(arch)
+    config, processor = tiny_video_parts(arch, real_size)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
     out = Path(out_dir)

@@ -31,7 +31,7 @@ logits only at the answer positions (`logits_to_keep` with a boolean mask, never
 prompt) and bf16 matmuls (bf16 on a GPU as the paper; on a CPU `mixed`: bf16 frozen matmuls with fp32 outputs,
 which keeps the fp32 loss curve). Because the Trainer normalises the loss by the number of answer tokens of the
 whole optimiser step, 4 micro-batches of 1 and 1 micro-batch of 4 give the same update (tests check both).
-Video: a model whose family (mmla.models.FAMILIES) names a `paper_preset` gets that table under `paper`, per
+Video: a model whose family (mmla.resolve.MODEL_FAMILIES) names a `paper_preset` gets that table under `paper`, per
 dataset for SFT (Qwen2-VL-7B: the official yamls' lr / epochs / warmup / batch x accumulation; LoRA r8/a16), except
 the keys the user set; `fast` adds answer-only logits (and `mixed` on a CPU) but keeps the micro-batches, whose
 frames are what fills memory. A video model without a table gets the text presets (`paper_table=NAME` picks one).
@@ -56,7 +56,7 @@ from .finetune import Collator, DevEval, Run, build_split, check_identity, frame
     training_arguments
 from .prompts import PROTOCOLS
 from .runs import claim, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
-from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
+from .tasks import PROMPT_FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 TRAIN_SETTINGS = ("sft", "it")  # what training trains (mmla.paper.PAPER_SETTINGS adds zero-shot)
 PRESET_NAMES = ("paper", "fast")
@@ -76,7 +76,7 @@ class TrainConfig:
     setting: str = "auto"  # sft (one adapter per dataset) | it (one adapter on all) | auto: it for all / video
     preset: str = "paper"  # paper | fast
     out: str = "runs/train"
-    modality: str = "auto"  # auto: video for a vision-language model (mmla.models.modality_of), else text
+    modality: str = "auto"  # auto: video for a vision-language model (mmla.resolve.resolve_model), else text
     family: str | None = None  # training prompts: llamafactory_text / llamafactory_video (faithful) | clean
     protocol: str = "official"  # chat wrapping: official training template | clean (tokenizer's own)
     limit: int | None = None  # first N train rows per dataset (quick runs)
@@ -180,6 +180,26 @@ VIDEO_PRESETS = {
         "it": (1.0e-4, 5, 0.3, 8, 4),
         "eval_steps": {"sft": 5, "it": 10},
     },
+    # Qwen2-VL-72B: the 72B yamls (DeepSpeed ZeRO-3 offload over 8 GPUs). Only a merge config was published for its
+    # IT run, so IT takes the 7B IT row.
+    "qwen2-vl-72b": {
+        "sft": {
+            "MIntRec": (1.0e-4, 20, 0.1, 4, 2),
+            "MIntRec2.0": (1.0e-4, 20, 0.1, 4, 2),
+            "MELD": (1.1e-4, 10, 0.4, 4, 2),
+            "IEMOCAP": (1.0e-4, 7, 0.2, 2, 2),
+            "MELD-DA": (1.1e-4, 10, 0.5, 4, 2),
+            "IEMOCAP-DA": (3.0e-4, 5, 0.1, 4, 2),
+            "MOSI": (1.0e-4, 10, 0.2, 2, 2),
+            "Ch-sims": (1.0e-4, 10, 0.2, 4, 2),
+            "UR-FUNNY": (3.0e-4, 3, 0.1, 4, 2),
+            "MUStARD": (4.0e-4, 10, 0.3, 2, 2),
+            "AnnoMi-client": (2.0e-4, 5, 0.1, 4, 2),
+            "AnnoMi-therapist": (2.0e-4, 5, 0.1, 4, 2),
+        },
+        "it": (1.0e-4, 5, 0.3, 8, 4),
+        "eval_steps": {"sft": 5, "it": 10},
+    },
 }
 _VIDEO_COMMON = dict(lr_scheduler="cosine", lora_rank=8, lora_alpha=16, lora_dropout=0.0, cutoff_len=1024,
                      max_grad_norm=1.0, weight_decay=0.0, precision="auto", batching="padded",
@@ -198,20 +218,17 @@ def setting_of(datasets, setting: str = "auto") -> str:
 
 
 def model_info(model: str, modality: str = "auto", trust_remote_code: bool = False) -> tuple[str, dict]:
-    """(modality, the model family's row of mmla.models.FAMILIES) for a model; errors are one line."""
-    from .models import family_of, read_config as model_config, takes_images
+    """(modality, the model family's row of mmla.resolve.MODEL_FAMILIES as a dict) for a model; errors are one
+    line. The same resolver as predict's (mmla.resolve.resolve_model)."""
+    from .resolve import resolve_model
 
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got '{modality}'")
-    if modality == "text" or (modality == "auto" and str(model) == "smollm2-135m"):
+    if modality == "text":  # nothing to read: training a text model needs no row (and works offline)
         return "text", {}
-    config = model_config(model, trust_remote_code)
-    if not takes_images(config):
-        if modality == "video":
-            raise ValueError(f"model '{model}' is a {config.model_type} text model: it cannot take video "
-                             f"(use modality=text)")
-        return "text", {}
-    return "video", family_of(config)
+    r = resolve_model(model, modality=modality, protocol="clean", trust_remote_code=trust_remote_code)
+    row = r.family.record() if r.family is not None and r.modality == "video" else {}
+    return r.modality, {k: v for k, v in row.items() if v is not None}  # unset: the defaults apply
 
 
 def _preset_values(cfg_preset: str, setting: str, modality: str, table: str | None, dataset: str | None) -> dict:
@@ -291,8 +308,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.eval_family is None:
         cfg.eval_family = "infer_script" if cfg.family.startswith("llamafactory_") else cfg.family
     for key in ("family", "eval_family"):
-        if getattr(cfg, key) not in FAMILIES:
-            raise ValueError(f"{key} must be one of {', '.join(FAMILIES)}, got '{getattr(cfg, key)}'")
+        if getattr(cfg, key) not in PROMPT_FAMILIES:
+            raise ValueError(f"{key} must be one of {', '.join(PROMPT_FAMILIES)}, got '{getattr(cfg, key)}'")
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_rank", "eval_batch_size",
                 "eval_max_new_tokens", "save_steps", "logging_steps", "limit", "eval_limit", "max_steps", "threads",
                 "concurrent_rows"):
@@ -459,10 +476,10 @@ def train(cfg: TrainConfig, progress: bool = True, model=None,
 
 def merge(model: str, adapter: str, out: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
     """Base model + LoRA adapter -> one merged model directory (safetensors) with its tokenizer or processor."""
-    from .models import load_model, modality_of
+    from .models import load_model
 
     merged, tok = load_model(model, adapter=adapter, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
-                             modality=modality_of(model, trust_remote_code), merge=True)
+                             modality=model_info(model, "auto", trust_remote_code)[0], merge=True)
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     with writing(dest):

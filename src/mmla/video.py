@@ -15,15 +15,21 @@ Frames. A `FrameSetting` says which frames and at what size; two are named after
   official-train  2 fps (floor(duration * 2)), capped by 64 and the clip's frame count, clamped to 4..50
                   frames, rounded down to an even count (Qwen2-VL), each frame resized so max(H, W) <= 128
                   and then to multiples of 28: the LLaMA-Factory fine-tuning.
-Both take overrides (num_frames, fps, max_pixels); the resolved setting is recorded with every run.
+The other models of the paper have their own official frames (../shared/OFFICIAL_MODELS.md):
+  qwen2-vl-infer     official-infer plus the JPEG round trip of the official script (PIL default quality)
+  llava-infer        4 frames at linspace -> int, squashed to 384x384 (PIL bicubic, aspect ignored): LLaVA-NeXT
+  videollama2-infer  8 segment centres round(seg*(i+0.5)+1e-6), seg=(n-1)/8; shortest side 336, 336 centre crop
+  minicpm-infer      range(0, n, round(avg_fps)) (about 1 fps), uniformly subsampled to <= 64 by int(i*gap+gap/2)
+Each takes overrides (num_frames, fps, max_pixels); the resolved setting is recorded with every run.
 Decoding uses TorchCodec where it works, else PyAV (mmla.decode), with our sample indices. The resized
 uint8 frames are cached on disk ($MMLA_FRAME_CACHE, else $MMLA_CACHE/frames, else ~/.cache/mmla/frames)
 under a key of clip path + size + mtime + setting, so a second run (or a second model) never decodes again;
 entries are written whole (a unique temporary file renamed into place), so decode workers and data-parallel
 ranks can fill one cache at once.
 
-Known difference from the official inference: it wrote the 4 frames to JPEG files and read them back, so
-its pixels carry JPEG artefacts; here the decoded frames are used directly.
+The official Qwen2-VL inference wrote its 4 frames to JPEG files and read them back; `qwen2-vl-infer` does the
+same round trip in memory. VideoLLaMA2 and MiniCPM-V decode with decord, mmla with PyAV or TorchCodec: on a clip whose container
+states another frame count than decord counts, the indices can differ.
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ class FrameSetting:
     min_pixels: int = 56 * 56
     max_pixels: int = 360 * 420
     factor: int = 28  # patch size x spatial merge: frame sides are multiples of it
+    sampler: str = "linspace"  # linspace | segments (VideoLLaMA2) | fps-gap (MiniCPM-V via ms-swift)
+    resize: str = "smart"  # smart (Qwen2-VL smart_resize) | squash (size x size) | short-crop (side, centre crop)
+    #                        | none (the model's own processor sizes them: MiniCPM-V's slicer)
+    size: int | None = None  # squash / short-crop side
+    jpeg: bool = False  # JPEG round trip (PIL default quality) before resizing, as the official Qwen2-VL script
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,6 +90,12 @@ SETTINGS: dict[str, FrameSetting] = {
     # Qwen2-VL-7B-Instruct's processor bounds (min 56*56, max 12,845,056 px) around LLaMA-Factory's 128 px frames.
     "official-train": FrameSetting("official-train", num_frames=None, fps=2.0, min_frames=4, max_frames=50,
                                    max_len=64, even=True, max_side=128, max_pixels=12845056),
+    "qwen2-vl-infer": FrameSetting("qwen2-vl-infer", num_frames=4, fps=1.0, max_pixels=360 * 420, jpeg=True),
+    "llava-infer": FrameSetting("llava-infer", num_frames=4, fps=1.0, resize="squash", size=384),
+    "videollama2-infer": FrameSetting("videollama2-infer", num_frames=8, fps=1.0, sampler="segments",
+                                      resize="short-crop", size=336),
+    "minicpm-infer": FrameSetting("minicpm-infer", num_frames=None, fps=1.0, sampler="fps-gap", max_len=64,
+                                  min_frames=1, max_frames=64, resize="none"),
 }
 
 
@@ -115,10 +132,32 @@ def frame_setting(name: str | FrameSetting = "official-infer", *, num_frames: in
     return s
 
 
-def sample_indices(setting: FrameSetting, total: int, duration: float | None) -> np.ndarray:
+def segment_indices(total: int, n: int) -> np.ndarray:
+    """VideoLLaMA2's "uniform" sampler (mm_utils.py): the centre of each of n equal segments of [0, total-1]."""
+    seg = (total - 1) / n
+    return np.array([int(np.round(seg * (i + 0.5) + 1e-6)) for i in range(n)])
+
+
+def fps_gap_indices(total: int, video_fps: float, cap: int = 64) -> np.ndarray:
+    """ms-swift's MiniCPM-V video loader: every round(avg_fps)-th frame (about 1 fps), then, over `cap`, the
+    middle of each of `cap` equal gaps."""
+    idx = list(range(0, total, max(1, round(video_fps))))
+    if len(idx) > cap:
+        gap = len(idx) / cap
+        idx = [idx[int(i * gap + gap / 2)] for i in range(cap)]
+    return np.array(idx)
+
+
+def sample_indices(setting: FrameSetting, total: int, duration: float | None,
+                   video_fps: float | None = None) -> np.ndarray:
     """Frame indices to decode, in order (may repeat when the clip has fewer frames than asked)."""
     if total < 1:
         raise ClipError("the clip reports no video frames")
+    if setting.sampler == "segments":
+        return segment_indices(total, setting.num_frames or 8)
+    if setting.sampler == "fps-gap":
+        fps = video_fps or (total / duration if duration else 1.0)
+        return fps_gap_indices(total, fps, setting.max_len)
     if setting.num_frames is not None:
         n = setting.num_frames
     else:
@@ -157,9 +196,35 @@ def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
                      for f in frames])
 
 
+def _jpeg(frames: np.ndarray) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    out = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray(f).save(buf, format="JPEG")  # PIL's default quality (75), as frame.save("x.jpg")
+        out.append(np.asarray(Image.open(buf).convert("RGB")))
+    return np.stack(out)
+
+
 def resize_frames(frames: np.ndarray, setting: FrameSetting) -> np.ndarray:
     """(T, H, W, 3) uint8 -> the setting's size (sides multiples of `factor`), PIL bicubic as the official code."""
+    if setting.jpeg:
+        frames = _jpeg(frames)
     _, h, w, _ = frames.shape
+    if setting.resize == "none":
+        return np.ascontiguousarray(frames)
+    if setting.resize == "squash":  # SigLipImageProcessor: resize to size x size, aspect ignored
+        return np.ascontiguousarray(_resize(frames, setting.size, setting.size))
+    if setting.resize == "short-crop":  # CLIPImageProcessor: shortest side to size, then the centre size x size
+        short, long_ = (h, w) if h <= w else (w, h)
+        long_ = int(setting.size * long_ / short)
+        th, tw = (setting.size, long_) if h <= w else (long_, setting.size)
+        frames = _resize(frames, th, tw) if (th, tw) != (h, w) else frames
+        top, left = (th - setting.size) // 2, (tw - setting.size) // 2
+        return np.ascontiguousarray(frames[:, top:top + setting.size, left:left + setting.size])
     if setting.max_side and max(h, w) > setting.max_side:
         scale = setting.max_side / max(h, w)
         h, w = max(1, int(h * scale)), max(1, int(w * scale))
@@ -260,7 +325,7 @@ def decode_frames(path: str | os.PathLike, setting: FrameSetting, decoder: str |
 
     def pick(metadata, **_):
         dur = metadata.duration or (metadata.total_num_frames / metadata.fps if metadata.fps else 0.0)
-        idx = sample_indices(setting, int(metadata.total_num_frames or 0), dur)
+        idx = sample_indices(setting, int(metadata.total_num_frames or 0), dur, metadata.fps)
         asked["indices"] = idx
         asked["meta"] = (int(metadata.total_num_frames or 0), float(metadata.fps or 0.0), float(dur or 0.0))
         return np.unique(idx)  # the decoder keeps each frame once; repeats are restored below

@@ -28,7 +28,9 @@ class Options:
 
     model: str
     modality: str = "text"  # text | video (resolved before the backend is built)
-    frames: dict | None = None  # video: the frame setting asked for: name (None: the model family's) + overrides
+    frames: dict | None = None  # video: the frame setting: name + overrides (the predict loop resolves the name)
+    family: Any = None  # the model family's row (mmla.resolve.ModelFamily), None when the model has none
+    protocol: str = "official"  # the protocol that applies (clean when the model has no official row)
     adapter: str | None = None
     dtype: str = "auto"
     device: str = "auto"
@@ -47,11 +49,17 @@ class Backend(Protocol):
     modality: str  # "text" or "video": what `prepare` takes
     setting: Any  # video: the frame setting its rows use (None for text)
     kind: str  # the protocol's model kind (mmla.prompts.model_kind): qwen | llama3 | other
-    family: dict  # the model family's protocol facts (mmla.models.family_of); {} when unknown
+    row: Any  # the model family's row (mmla.resolve.ModelFamily), None when unknown
     generation_config: Any  # the checkpoint's generation config, or None
+    context_length: int | None  # the model's context in tokens, None when not known here
 
     def prepare(self, prompts: list[str], protocol: str, frames: list | None = None,
-                candidates: list[list[str]] | None = None) -> list: ...
+                candidates: list[list[str]] | None = None, histories: list | None = None) -> list:
+        """`histories`: per prompt, earlier (user, assistant) turns that come before it (or None)."""
+
+    def heads(self, rows: list) -> list[str]:
+        """Per prepared row, its prompt decoded back to text (special tokens kept), as a script that decodes the
+        whole sequence prints it before the answer ("" where the backend cannot tell)."""
 
     def excess(self, rows: list, new_tokens: int) -> list[int]:
         """Per prepared row: the tokens by which it and `new_tokens` answer tokens overrun the model's context
@@ -73,12 +81,12 @@ BACKENDS: dict[str, str | Callable[[Options], Backend]] = {
 }
 
 
-def frame_setting_for(family: dict, frames: dict | None):
-    """The run's frame setting: the one asked for, else the model family's official one, with the overrides."""
+def frame_setting_for(frames: dict | None):
+    """The run's frame setting: the named one (official-infer when unnamed), with the overrides."""
     from ..video import frame_setting
 
     frames = dict(frames or {})
-    name = frames.pop("name", None) or family.get("frames", "official-infer")
+    name = frames.pop("name", None) or "official-infer"
     return frame_setting(name, **frames)
 
 

@@ -9,36 +9,43 @@ from . import Options, frame_setting_for
 class LocalBackend:
     def __init__(self, options: Options):
         from ..inputs import make_inputs
-        from ..models import family_of, load_model, read_config
+        from ..models import load_model
 
-        video = options.modality == "video"
-        self.family = family_of(read_config(options.model, options.trust_remote_code)) if video else {}
-        setting = frame_setting_for(self.family, options.frames) if video else None
+        row = options.family
+        setting = frame_setting_for(options.frames) if options.modality == "video" else None
         model, tok = load_model(options.model, adapter=options.adapter, dtype=options.dtype, device=options.device,
                                 trust_remote_code=options.trust_remote_code, modality=options.modality,
                                 **(options.placement or {}))
-        self._hold(model, make_inputs(model, tok, setting), placed=options.placement is not None)
+        if row is not None and row.pooling == "llava-video":  # the original LLaVA-Video's pooling, not the -hf one
+            from ..llava_video import use_llava_video_pooling
+
+            use_llava_video_pooling(model, tok)
+        inputs = make_inputs(model, tok, setting, row)
+        inputs.time_from_clip = options.protocol == "clean"  # clean: the clip's real frame rate, where time is read
+        self._hold(model, inputs, placed=options.placement is not None)
 
     @classmethod
     def of(cls, model, inputs) -> LocalBackend:
         """A model already loaded, with its input seam (mmla.inputs.make_inputs)."""
         self = cls.__new__(cls)
-        self.family = {}
         self._hold(model, inputs, placed=False)
         return self
 
     def _hold(self, model, inputs, placed: bool) -> None:
         self.model, self.inputs, self.placed = model, inputs, placed
-        self.modality, self.kind = inputs.modality, inputs.kind
-        self.family = getattr(inputs, "family", None) or self.family
+        self.modality, self.kind, self.row = inputs.modality, inputs.kind, inputs.row
         self.setting = getattr(inputs, "setting", None)
         self.generation_config = model.generation_config
+        self.context_length = inputs.context_length
 
-    def prepare(self, prompts, protocol, frames=None, candidates=None):
-        texts = self.inputs.chat(prompts, protocol)
+    def prepare(self, prompts, protocol, frames=None, candidates=None, histories=None):
+        texts = self.inputs.chat(prompts, protocol, **({"histories": histories} if histories else {}))
         if candidates is not None:
             return self.inputs.score_rows(texts, candidates, frames)
         return self.inputs.encode(texts, frames)
+
+    def heads(self, rows) -> list[str]:
+        return [self.inputs.tokenizer.decode(r.ids) for r in rows]
 
     def excess(self, rows, new_tokens: int) -> list[int]:
         return self.inputs.excess(rows, new_tokens)

@@ -82,14 +82,27 @@ class OpenAIBackend:
         self.kind = model_kind(self.tokenizer) if self.tokenizer is not None else kind_from_name(self.model)
         self.generation_config = generation_config(self.model, self.kind)
         self.modality = options.modality
-        self.family: dict = {}  # a served model's family is not known here: the official frame setting
-        self.setting = frame_setting_for(self.family, options.frames) if self.modality == "video" else None
+        self.row = options.family  # from --paper-model: a served model's config is not read here
+        self.context_length = None  # the server knows it (and refuses a request past it, in one line)
+        self.setting = frame_setting_for(options.frames) if self.modality == "video" else None
         self.video_input = video_input if self.modality == "video" else None
 
     # ---------------------------------------------------------------- the predict loop's calls
 
-    def prepare(self, prompts, protocol, frames=None, candidates=None):
-        messages = [chat_messages(p, protocol, self.kind) for p in prompts]
+    def _messages(self, prompt: str, protocol: str, history=None) -> list[dict]:
+        """The protocol's system turn (the family row's under official, else by model kind), earlier turns, the
+        prompt."""
+        if protocol == "official" and self.row is not None:
+            msgs = [{"role": "system", "content": self.row.system}] if self.row.system else []
+            msgs.append({"role": "user", "content": prompt})
+        else:
+            msgs = chat_messages(prompt, protocol, self.kind)
+        past = [{"role": role, "content": text}
+                for turn in history or () for role, text in zip(("user", "assistant"), turn)]
+        return msgs[:-1] + past + msgs[-1:]
+
+    def prepare(self, prompts, protocol, frames=None, candidates=None, histories=None):
+        messages = [self._messages(p, protocol, h) for p, h in zip(prompts, histories or [None] * len(prompts))]
         if candidates is not None:
             if self.modality == "video":
                 raise OpenAIBackendError("--mode score with video is not offered over the API (servers return no "
@@ -106,6 +119,9 @@ class OpenAIBackend:
 
     def excess(self, rows, new_tokens: int) -> list[int]:
         return [0] * len(rows)  # the server knows its context (and refuses a request past it, in one line)
+
+    def heads(self, rows) -> list[str]:
+        return [""] * len(rows)  # the server decodes only what it generated
 
     def generate(self, rows, *, decoding, batch_size, on_result) -> None:
         self.sample(rows, decoding=decoding, seeds=None, batch_size=batch_size, on_result=on_result)
