@@ -26,10 +26,11 @@ class TableBackend:
     def __init__(self, options: Options):
         self.tokenizer = AutoTokenizer.from_pretrained(options.model)
         self.kind = model_kind(self.tokenizer)
-        self.modality, self.setting, self.family, self.generation_config = options.modality, None, {}, None
+        self.modality, self.setting, self.row, self.generation_config = options.modality, None, options.family, None
+        self.context_length = None  # a table has no context limit
         self.name = options.model
 
-    def prepare(self, prompts, protocol, frames=None, candidates=None):
+    def prepare(self, prompts, protocol, frames=None, candidates=None, histories=None):
         texts = [self.tokenizer.apply_chat_template(chat_messages(p, protocol, self.kind), tokenize=False,
                                                     add_generation_prompt=True) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -37,7 +38,10 @@ class TableBackend:
         return rows if candidates is None else list(zip(rows, candidates))
 
     def excess(self, rows, new_tokens):
-        return [0] * len(rows)  # a table has no context limit
+        return [0] * len(rows)
+
+    def heads(self, rows):
+        return [self.tokenizer.decode(ids) for _, ids in rows]
 
     def _answer(self, row) -> str:
         prompt, ids = row
