@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mmla"
 LAYERS = [
     {"__init__", "tasks", "config", "errors"},
     {"data", "prompts", "evaluation", "runs", "paper"},
-    {"video", "models"},
+    {"video", "audio", "models"},
     {"tiny", "inputs"},
     {"engine", "openai_backend"},
     {"trainer", "distributed"},

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import audio as audio_mod
 from . import video as video_mod
 from .models import family_of
 from .prompts import chat_messages, model_kind
@@ -157,20 +158,38 @@ class VideoInputs(TextInputs):
         super().__init__(model, processor.tokenizer)
         self.processor = processor
         self.family = family_of(model.config)
-        vp = processor.video_processor
+        self._init_video(setting)
+        self._init_model(model)
+
+    def _init_video(self, setting: video_mod.FrameSetting) -> None:
+        vp = self.processor.video_processor
         # Frames are resized by mmla to sides that are multiples of the processor's patch x merge size, so that
         # processors which take them as they are (Qwen2-VL) see exactly the official frames.
         factor = getattr(vp, "patch_size", None) and getattr(vp, "merge_size", None) and vp.patch_size * vp.merge_size
         self.setting = video_mod.frame_setting(setting, factor=factor) if factor else setting
         self.processor_kwargs = {"do_sample_frames": False, **self.family.get("processor_kwargs", {})}
-        # The tokens that stand for vision features (some models put a video's frames under image tokens).
-        names = ("video_token_id", "image_token_id", "video_token_index", "image_token_index")
-        found = [getattr(o, n, None) for o in (processor, model.config) for n in names]
+
+    def _init_model(self, model) -> None:
+        # The tokens that stand for media features (some models put a video's frames under image tokens).
+        names = ("video_token_id", "image_token_id", "video_token_index", "image_token_index", "audio_token_id",
+                 "audio_token_index")
+        found = [getattr(o, n, None) for o in (self.processor, model.config) for n in names]
         self.media_token_ids = {t for t in found if isinstance(t, int)}
         inner = _inner(model)
         self._rope = getattr(inner, "get_rope_index", None)
         self.rope_dims = 3 if self._rope is not None else 1
         self._forward_params = set(inspect.signature(_core(model).forward).parameters)
+
+    def load(self, path, cache: video_mod.FrameCache | None):
+        """What `encode` takes for one clip (ClipError with the reason if it cannot be had)."""
+        return video_mod.load_frames(path, self.setting, cache)
+
+    def clip_fields(self, clip) -> dict:
+        """What a prediction record says about the clip beyond its path."""
+        return {}
+
+    def _parts(self) -> list[dict]:
+        return [{"type": "video"}]
 
     def messages(self, prompt: str, protocol: str, training: bool = False) -> list[dict]:
         # The official video inference sends the user turn only (the checkpoint's template adds its default system
@@ -179,8 +198,8 @@ class VideoInputs(TextInputs):
         if len(parts) > 2:
             raise ValueError(f"a prompt may hold one {VIDEO_TAG} tag, this one has {len(parts) - 1}")
         text = lambda s: [{"type": "text", "text": s}] if s else []  # noqa: E731
-        content = [{"type": "video"}] + text(prompt) if len(parts) == 1 else \
-            text(parts[0]) + [{"type": "video"}] + text(parts[1])
+        content = self._parts() + text(prompt) if len(parts) == 1 else \
+            text(parts[0]) + self._parts() + text(parts[1])
         system = self.family.get("system")
         return ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + \
             [{"role": "user", "content": content}]
@@ -244,7 +263,7 @@ class VideoInputs(TextInputs):
             keep = cutoff - len(a)
             last_media = max((i for i, t in enumerate(p) if t in self.media_token_ids), default=-1)
             if keep <= last_media:
-                raise ValueError(f"cutoff_len {cutoff} would cut into the video; raise cutoff_len")
+                raise ValueError(f"cutoff_len {cutoff} would cut into the {self.modality} clip; raise cutoff_len")
             p = p[:keep]
         item = {"input_ids": p + a, "labels": [IGNORE] * len(p) + a, "media": row.media,
                 "tokens": {k: v[: len(p)] + [0] * len(a) for k, v in row.tokens.items()}}
@@ -291,6 +310,89 @@ class VideoInputs(TextInputs):
         return r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
+class AudioInputs(VideoInputs):
+    """An audio-capable model through its processor (Qwen2-Audio, Qwen2.5-Omni, Qwen3-Omni, ...): modality
+    "audio" (the clip's sound + text) or "av" (frames + sound + text). The waveform decoded by mmla (mmla.audio,
+    cached) goes to the processor as an array at its feature extractor's rate; for av, the family's table says
+    whether the processor interleaves it with the frames (Qwen2.5-Omni: `load_audio_from_video`, and the model's
+    rope index then takes `use_audio_in_video`) or it is a separate audio part after the video."""
+
+    def __init__(self, model, processor, modality: str, setting: video_mod.FrameSetting | None = None,
+                 max_seconds: float | None = None, interleave: bool | None = None):
+        TextInputs.__init__(self, model, processor.tokenizer)
+        if not audio_mod.takes_audio(processor):
+            raise ValueError(f"{model.config.model_type}: its processor takes no audio (use --modality text or video)")
+        self.processor, self.modality = processor, modality
+        self.family = {**family_of(model.config), **audio_mod.audio_family(model.config)}
+        if modality == "av":
+            if getattr(processor, "video_processor", None) is None or not self.family.get("video", True):
+                raise ValueError(f"{model.config.model_type} hears but does not see: use --modality audio")
+            self._init_video(setting or video_mod.SETTINGS["official-infer"])
+        else:
+            self.setting, self.processor_kwargs = None, {}
+        self.audio_setting = audio_mod.audio_setting(processor, self.family, max_seconds, interleave, modality)
+        self._init_model(model)
+        self._audio_caches: dict[int, audio_mod.AudioCache] = {}
+
+    def load(self, path, cache: video_mod.FrameCache | None):
+        if cache is not None and id(cache) not in self._audio_caches:
+            self._audio_caches[id(cache)] = audio_mod.AudioCache.beside(cache)
+        sound = audio_mod.load_audio(path, self.audio_setting, self._audio_caches.get(id(cache)))
+        if self.modality == "audio":
+            return sound
+        return audio_mod.AvClip(video_mod.load_frames(path, self.setting, cache), sound)
+
+    def audio_cache_stats(self) -> dict:
+        return {"audio_cache_hits": sum(c.hits for c in self._audio_caches.values()),
+                "audio_cache_misses": sum(c.misses for c in self._audio_caches.values())}
+
+    def clip_fields(self, clip) -> dict:
+        sound = clip.audio if isinstance(clip, audio_mod.AvClip) else clip
+        return {"audio_track": bool(sound.has_track)}
+
+    def _parts(self) -> list[dict]:
+        audio = [{"type": "audio", "audio": "clip"}]
+        if self.modality == "audio":
+            return audio
+        # interleaved: the video part stands for both (the processor puts the audio tokens inside it)
+        return [{"type": "video"}] + ([] if self.audio_setting.interleave else audio)
+
+    def _process(self, text: str, clip) -> dict:
+        s = self.audio_setting
+        sound = clip.audio if isinstance(clip, audio_mod.AvClip) else clip
+        # Every row's features padded to the same length (max_seconds): rows then share a forward, and a row's
+        # features never depend on the others in its batch.
+        kw = dict(text=[text], audio=[sound.wave], return_tensors="pt", add_special_tokens=False,
+                  audio_kwargs={"sampling_rate": s.rate, "max_length": s.max_samples, "truncation": True,
+                                "padding": "max_length"})
+        if self.modality == "av":
+            frames = clip.frames
+            n = len(frames.array)
+            kw.update(videos=[frames.array], fps=self.setting.fps, **self.processor_kwargs,
+                      video_metadata=[{"total_num_frames": n, "fps": self.setting.fps,
+                                       "frames_indices": list(range(n))}])
+            if s.interleave:
+                kw.update(audio_from_video_indices=[0], load_audio_from_video=True)
+        return self.processor(**kw)
+
+    def positions(self, ids, mask, media, tokens):
+        if self._rope is None:
+            return TextInputs.positions(self, ids, mask, media, tokens)
+        params = inspect.signature(self._rope).parameters
+        extra = {"use_audio_in_video": self.audio_setting.interleave}
+        if "feature_attention_mask" in media:
+            extra["audio_seqlens"] = media["feature_attention_mask"].sum(-1)
+        if "video_second_per_grid" in media:
+            extra["second_per_grids"] = media["video_second_per_grid"]
+        kw = {k: v for k, v in {**media, **tokens, **extra, "attention_mask": mask}.items() if k in params}
+        positions, _ = self._rope(input_ids=ids, **kw)
+        return positions
+
+    def record(self) -> dict:
+        """The audio setting of a run (env.json, config.yaml)."""
+        return self.audio_setting.record()
+
+
 def _core(model):
     """The transformers model under a peft wrapper (LoRA layers are injected in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -301,8 +403,12 @@ def _inner(model):
     return getattr(core, "model", core)
 
 
-def make_inputs(model, tokenizer_or_processor, setting: video_mod.FrameSetting | None = None) -> TextInputs:
-    """The seam for a loaded model: video when it came with a processor that takes videos."""
+def make_inputs(model, tokenizer_or_processor, setting: video_mod.FrameSetting | None = None,
+                modality: str | None = None, audio: dict | None = None) -> TextInputs:
+    """The seam for a loaded model: audio (or audio + video) when `modality` says so (`audio`: overrides of the
+    audio setting, max_seconds and interleave), video when it came with a processor that takes videos."""
+    if modality in ("audio", "av"):
+        return AudioInputs(model, tokenizer_or_processor, modality, setting, **(audio or {}))
     if setting is not None and hasattr(tokenizer_or_processor, "video_processor"):
         return VideoInputs(model, tokenizer_or_processor, setting)
     tok = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)

@@ -128,11 +128,21 @@ def takes_images(config) -> bool:
     return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or hasattr(config, "vision_config")
 
 
+def hears(config) -> bool:
+    """A model with an audio encoder (Qwen2-Audio, the Qwen omni thinkers, ...)."""
+    sub = getattr(config, "thinker_config", config)  # a full omni config holds the thinker's
+    return hasattr(sub, "audio_config")
+
+
 def modality_of(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> str:
-    """'video' for a vision-language model, else 'text' (the embedded alias is text without converting it)."""
+    """Everything the model takes: 'av' for an omni model (audio and vision), 'audio' for an audio LLM, 'video' for
+    a vision-language model, else 'text' (the embedded alias is text without converting it)."""
     if str(name_or_path) == "smollm2-135m":
         return "text"
-    return "video" if takes_images(read_config(name_or_path, trust_remote_code)) else "text"
+    config = read_config(name_or_path, trust_remote_code)
+    if hears(config):
+        return "av" if takes_images(getattr(config, "thinker_config", config)) else "audio"
+    return "video" if takes_images(config) else "text"
 
 
 # ---------------------------------------------------------------- loading
@@ -228,7 +238,7 @@ def load_model(
     max_memory: dict | None = None,
     offload_folder: str | os.PathLike | None = None,
 ):
-    """(model, tokenizer) -- or (model, processor) for modality 'video' -- ready for inference: eval mode, on
+    """(model, tokenizer) -- or (model, processor) for modality 'video', 'audio' or 'av' -- ready for inference: eval mode, on
     `device`, padding on the left. A LoRA adapter is merged into the weights in memory (`merge`): the same
     numbers as the unmerged adapter, at the base model's speed.
 
@@ -242,8 +252,13 @@ def load_model(
                       else device)
     torch_dtype = pick_dtype(dtype, dev)
     config = read_config(name_or_path, trust_remote_code)
-    video = modality == "video"
-    if video:
+    video = modality in ("video", "audio", "av")
+    if modality in ("audio", "av"):
+        if not hears(config):
+            raise ValueError(f"model '{name_or_path}' ({config.model_type}) has no audio encoder: it cannot take "
+                             f"audio (use --modality {'video' if takes_images(config) else 'text'})")
+        from transformers import AutoModelForMultimodalLM as auto_class
+    elif video:
         if not takes_images(config):
             raise ValueError(f"model '{name_or_path}' is a {config.model_type} text model: it cannot take video "
                              f"(use --modality text)")
@@ -277,7 +292,9 @@ def load_model(
     if not video:
         return model, load_tokenizer(path, trust_remote_code)
     processor = load_processor(path, trust_remote_code)
-    if getattr(processor, "video_processor", None) is None:
+    if modality == "audio" and getattr(processor, "feature_extractor", None) is None:
+        raise ValueError(f"model '{name_or_path}' ({config.model_type}): its processor takes no audio")
+    if modality in ("video", "av") and getattr(processor, "video_processor", None) is None:
         raise ValueError(f"model '{name_or_path}' ({config.model_type}): its processor takes images but not video")
     return model, processor
 
