@@ -27,6 +27,7 @@ Families. `AUDIO_FAMILIES` is data keyed by the config's model_type (move it int
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -229,3 +230,12 @@ def load_audio(path: str | os.PathLike, setting: AudioSetting, cache: AudioCache
         except OSError as e:  # a full or read-only cache never stops a run
             print(f"warning: audio cache not written ({e})", file=sys.stderr)
     return a
+
+
+def audio_args(sp) -> None:
+    """The audio options of `mmla predict --modality audio|av` (for cli.py)."""
+    sp.add_argument("--max-audio-seconds", type=float,
+                    help="audio, av: seconds of sound kept per clip (default: the model family's, else 30)")
+    sp.add_argument("--audio-in-video", action=argparse.BooleanOptionalAction, default=None,
+                    help="av: interleave the sound with the frames in time (default: the model family's; "
+                         "Qwen2.5-Omni yes), or give it as a separate audio part")

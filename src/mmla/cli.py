@@ -90,7 +90,7 @@ def cmd_predict(a) -> int:
         skip_bad_rows=a.skip_bad_rows, trust_remote_code=a.trust_remote_code, setting=a.setting,
         paper_model=a.paper_model, name=a.name, out=a.out, modality=a.modality, frames=a.frames,
         num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels, no_frame_cache=a.no_frame_cache,
-        backend=a.backend, base_url=a.base_url, api_key_env=a.api_key_env, concurrency=a.concurrency,
+        max_audio_seconds=a.max_audio_seconds, audio_in_video=a.audio_in_video, backend=a.backend, base_url=a.base_url, api_key_env=a.api_key_env, concurrency=a.concurrency,
     )
     from .distributed import ranks
 
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--split", default="test", choices=SPLITS)
     sp.add_argument("--family", default="clean", choices=FAMILIES)
-    sp.add_argument("--modality", default="text", choices=("text", "video"))
+    sp.add_argument("--modality", default="text", choices=("text", "video", "audio", "av"))
     sp.add_argument("--limit", type=_positive_int)
     sp.set_defaults(func=cmd_prompts)
 
@@ -257,11 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="a short label for reports")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--out", required=True, help="run directory (rerun to resume)")
-    sp.add_argument("--modality", default="auto", choices=("auto", "text", "video"),
-                    help="auto (default): video for a vision-language model (datasets: the 9 with videos), else text")
+    sp.add_argument("--modality", default="auto", choices=("auto", "text", "video", "audio", "av"),
+                    help="auto (default): what the model takes (av for an omni model, audio for an audio LLM, video "
+                         "for a vision-language model; datasets: the 9 with videos), else text")
+    from .audio import audio_args
     from .video import frame_args
 
     frame_args(sp)
+    audio_args(sp)
     # an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve, a hosted API)
     sp.add_argument("--backend", default="local", choices=("local", "openai"))
     sp.add_argument("--base-url", help="openai backend: the server's /v1 URL, e.g. http://127.0.0.1:8000/v1")

@@ -32,7 +32,8 @@ from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, read_confi
 from .tasks import FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 MODES = ("generate", "score")
-MODALITIES = ("auto", "text", "video")
+MODALITIES = ("auto", "text", "video", "audio", "av")
+CLIP_MODALITIES = ("video", "audio", "av")  # rows that come with their clip
 
 
 @dataclass
@@ -45,12 +46,14 @@ class PredictConfig:
     mode: str = "generate"
     protocol: str = "official"
     family: str | None = None  # default: infer_script under the official protocol, clean otherwise
-    modality: str = "auto"  # auto: video for a vision-language model, else text
+    modality: str = "auto"  # auto: everything the model takes (av for an omni model, video for a VLM), else text
     frames: str | None = None  # video: frame setting (mmla.video.SETTINGS); default the model family's official one
     num_frames: int | None = None  # video: overrides of the frame setting
     fps: float | None = None
     max_pixels: int | None = None
-    no_frame_cache: bool = False  # video: decode every clip again
+    no_frame_cache: bool = False  # video: decode every clip again (frames and audio)
+    max_audio_seconds: float | None = None  # audio, av: sound kept per clip (default: the model family's, mmla.audio)
+    audio_in_video: bool | None = None  # av: interleave audio with the frames (default: the model family's)
     limit: int | None = None  # first N rows of each dataset
     batch_size: int = 32
     max_new_tokens: int | None = None  # default: the protocol's
@@ -77,7 +80,7 @@ class PredictConfig:
 # Settings that change predictions: a run directory refuses to resume under different ones. They are compared as
 # the user gave them (None = the protocol's default), so the same command always resumes.
 _IDENTITY = ("model", "adapter", "split", "mode", "protocol", "family", "modality", "max_new_tokens", "seed", "dtype",
-             "frames", "num_frames", "fps", "max_pixels", "num_samples", "backend")
+             "frames", "num_frames", "fps", "max_pixels", "num_samples", "backend", "max_audio_seconds", "audio_in_video")
 
 
 def resolve(cfg: PredictConfig) -> PredictConfig:
@@ -94,10 +97,14 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
     if cfg.modality == "auto":  # a served model may have no config here: text unless told
         cfg.modality = modality_of(cfg.model, cfg.trust_remote_code) if cfg.backend == "local" else "text"
     spec = cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0]
-    if cfg.modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
+    if cfg.modality in CLIP_MODALITIES and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
         spec = "video"
     cfg.datasets = parse_datasets(spec)
-    if cfg.modality == "video":
+    if cfg.modality in CLIP_MODALITIES:
+        if cfg.backend != "local" and cfg.modality != "video":
+            raise ValueError(f"--modality {cfg.modality} runs a local model only (the server backend sends no audio)")
+        if cfg.max_audio_seconds is not None and float(cfg.max_audio_seconds) <= 0:
+            raise ValueError(f"--max-audio-seconds must be positive, got {cfg.max_audio_seconds}")
         no_video = [ds for ds in cfg.datasets if not get_task(ds).has_video]
         if no_video:
             raise ValueError(f"no videos are released for {', '.join(no_video)}: use --datasets video "
@@ -169,7 +176,7 @@ def dedupe(records: list[dict]) -> list[dict]:
 def decoding_for(cfg: PredictConfig, model, inputs) -> Decoding:
     """The protocol's decoding: the official script's (per model kind / family) or greedy (clean)."""
     if cfg.protocol == "official":
-        if inputs.modality == "video":  # the official MLLM infer.py: the checkpoint's generation config
+        if inputs.modality != "text":  # the official MLLM infer.py: the checkpoint's generation config
             decoding = official_decoding("qwen", model.generation_config)
             decoding.max_new_tokens = inputs.family.get("max_new_tokens", decoding.max_new_tokens)
         else:
@@ -217,7 +224,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
               f"{f' ({len(retry)} missing clips retried)' if retry else ''} ({pred_path})", file=sys.stderr)
     if ranks.world > 1:  # this rank's share, balanced by prompt length (and clips: one per video row)
         weights = [len(render(e.dataset, cfg.family, e.text, cfg.split, cfg.modality)) +
-                   (distributed.CLIP_WEIGHT if cfg.modality == "video" else 0) for e, _ in todo]
+                   (distributed.CLIP_WEIGHT if cfg.modality in CLIP_MODALITIES else 0) for e, _ in todo]
         todo = [todo[i] for i in distributed.shard(weights, ranks.world)[ranks.rank]]
 
     import torch
@@ -228,9 +235,9 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    video = cfg.modality == "video"
+    video = cfg.modality in CLIP_MODALITIES
     setting = None
-    if video:
+    if video and cfg.modality != "audio":
         family = family_of(model_config(cfg.model, cfg.trust_remote_code)) if cfg.backend == "local" else {}
         setting = video_mod.frame_setting(cfg.frames or family.get("frames", "official-infer"),
                                           num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
@@ -249,7 +256,8 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         model, tok = load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device,
                                 trust_remote_code=cfg.trust_remote_code, modality=cfg.modality,
                                 **_placement(cfg, out, ranks))
-        inputs = make_inputs(model, tok, setting)
+        inputs = make_inputs(model, tok, setting, cfg.modality,
+                             {"max_seconds": cfg.max_audio_seconds, "interleave": cfg.audio_in_video})
         setting = getattr(inputs, "setting", setting)
         decoding = decoding_for(cfg, model, inputs)
         if cfg.num_samples > 1 and not decoding.do_sample:
@@ -259,12 +267,16 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     if ranks.main:
         write_config(out / "config.yaml", {**dataclasses.asdict(cfg),
-                                           **({"frame_setting": setting.record()} if setting else {})})
+                                           **({"frame_setting": setting.record()} if setting else {}),
+                                           **({"audio_setting": inputs.record()} if hasattr(inputs, "record") else {})})
     env = {**environment(str(device_of(model)) if model is not None else None),
            **({"hf_device_map": _device_map(model)} if cfg.device_map else {}),
            "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped}
     if video:
-        env.update(frame_setting=setting.record(), frame_cache=str(cache.root) if cache.enabled else None)
+        env.update(frame_setting=setting.record() if setting else None,
+                   frame_cache=str(cache.root) if cache.enabled else None)
+    if hasattr(inputs, "record"):  # audio, av: rate, channels, max seconds, interleaved with the frames or not
+        env.update(audio_setting=inputs.record())
     if server is not None:  # the server's model id and fingerprint come with its first answer: written again below
         env["server"] = server.info()
     if ranks.main:
@@ -303,6 +315,12 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         result["missing_clips_per_dataset"] = {ds: sum(r["dataset"] == ds for r in missing)
                                                for ds in sorted({r["dataset"] for r in missing})}
         env.update(missing_clips=len(missing), frame_cache_hits=cache.hits, frame_cache_misses=cache.misses)
+    if cfg.modality in ("audio", "av"):  # clips without sound ran with silence (mmla.audio)
+        silent = [r for r in records if r.get("audio_track") is False]
+        result["silent_clips"] = len(silent)
+        result["silent_clips_per_dataset"] = {ds: sum(r["dataset"] == ds for r in silent)
+                                              for ds in sorted({r["dataset"] for r in silent})}
+        env.update(silent_clips=len(silent), **(inputs.audio_cache_stats() if inputs is not None else {}))
     write_json(out / "metrics.json", result)
     # where the time went (seconds): the bench (bench/e2e.py) adds the interpreter's start and imports to these
     stats.update(seconds_load=round(t_load, 2), seconds_evaluate=round(time.perf_counter() - t_eval, 2),
@@ -338,6 +356,13 @@ def _device_map(model) -> dict | None:
     return {k: str(v) for k, v in placed.items()} if placed else None
 
 
+def _load_clip(inputs, path, cache):
+    """What the seam's `encode` takes for one clip: frames, a waveform, or both (a server seam reads frames)."""
+    if hasattr(inputs, "load"):
+        return inputs.load(path, cache)
+    return video_mod.load_frames(path, inputs.setting, cache)
+
+
 def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progress: bool, runner=None) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
@@ -347,7 +372,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
     from . import engine
 
     runner = runner or engine  # mmla.engine, or a server backend with the same two calls
-    video = inputs.modality == "video"
+    video = inputs.modality in CLIP_MODALITIES
     finder = video_mod.ClipFinder(cfg.data) if video else None
     root = Path(cfg.data)
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)
@@ -365,7 +390,7 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
                     errors[j] = clips[j].error
                     continue
                 try:
-                    frames[j] = video_mod.load_frames(clips[j].path, inputs.setting, cache)
+                    frames[j] = _load_clip(inputs, clips[j].path, cache)
                 except video_mod.ClipError as err:
                     errors[j] = str(err)
         ok = [j for j in range(len(ex)) if errors[j] is None]
@@ -377,7 +402,8 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
         else:
             cands, rows = None, inputs.encode(texts, fr)
         timing["seconds_prepare"] += time.perf_counter() - t0
-        return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands)
+        return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands,
+                    frames=frames)
 
     def record(p: dict, j: int, output: str) -> None:
         e, k = todo[p["chunk"][j]]
@@ -389,6 +415,8 @@ def _run(cfg, model, inputs, decoding, cache, todo, sink: JsonlAppender, progres
             rec["video"] = clip.record(root) if clip.path is not None else None
             if p["errors"][j]:
                 rec["clip_error"] = p["errors"][j]
+            elif hasattr(inputs, "clip_fields"):
+                rec.update(inputs.clip_fields(p["frames"][j]))
         sink.write(rec)
         bar.update(1)
 

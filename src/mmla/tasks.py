@@ -98,7 +98,7 @@ def _family_defaults(task: Task, family: str, modality: str) -> dict:
         # infer.py: f"...says: {text}. Based on ...[{labels}].Respond ...'.  Only one ..."
         return dict(task_words=task.task_words, ask="." + ASK_VIDEO, before_respond="", before_only="  ")
     # clean: one wording for every dataset, the correct label list, the words a person would read
-    if modality == "video":
+    if modality in ("video", "audio", "av"):  # a clip with its sound: the video wording names all three
         return dict(task_words=task.task_words)
     return dict(task_words=task.task_words, lead=TEXT_LEAD, ask=ASK_TEXT)
 
