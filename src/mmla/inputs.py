@@ -388,6 +388,14 @@ class AudioInputs(VideoInputs):
         positions, _ = self._rope(input_ids=ids, **kw)
         return positions
 
+    def forward_kwargs(self, kwargs: dict) -> dict:
+        out = super().forward_kwargs(kwargs)
+        if self.audio_setting.interleave and "use_audio_in_video" in self._forward_params:
+            # a training forward computes its own rope index, which must know the audio is inside the video (a
+            # tensor, so that the collated batch moves to the device like the rest)
+            out["use_audio_in_video"] = torch.tensor(True)
+        return out
+
     def record(self) -> dict:
         """The audio setting of a run (env.json, config.yaml)."""
         return self.audio_setting.record()

@@ -92,6 +92,12 @@ def answer_positions(labels):
     return keep
 
 
+def kept(logits, keep):
+    """The logits of the kept positions: a forward that ignores a mask `logits_to_keep` (Qwen2.5-Omni's thinker)
+    returns every position's."""
+    return logits[keep] if logits.dim() == 3 else logits
+
+
 class VideoItems:
     """Video training items built when the Trainer asks: frames from the frame cache, then the seam's
     train_item (input_ids, labels, per-token extras, media tensors)."""
@@ -105,7 +111,7 @@ class VideoItems:
     def __getitem__(self, i: int) -> dict:
         path, chat, answer = self.rows[i]
         try:
-            frames = video_mod.load_frames(path, self.inputs.setting, self.cache)
+            frames = self.inputs.load(path, self.cache)
         except video_mod.ClipError as e:  # changed on disk since the split was built
             raise ValueError(f"{path}: {e} (mmla check-data --full lists such clips)") from None
         return self.inputs.train_item(chat, answer, self.cutoff, frames)[0]
@@ -156,7 +162,7 @@ class DevEval:
                                     for e in dev.examples], cfg.protocol)
 
     def _frames(self, j: int):
-        return video_mod.load_frames(self.dev.clips[j], self.inputs.setting, self.cache)
+        return self.inputs.load(self.dev.clips[j], self.cache)
 
     def __call__(self, model, split_dev: bool = True) -> dict:
         import torch
@@ -171,7 +177,7 @@ class DevEval:
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64)  # teacher-forced accuracy sum, classified right, examples
-        video = self.inputs.modality == "video"
+        video = self.inputs.modality != "text"
         modality = self.inputs.modality
         with torch.no_grad():
             bs = self.cfg.eval_batch_size
@@ -180,7 +186,7 @@ class DevEval:
                 batch = {k: v.to(model.device) for k, v in self.collate(items).items() if k != "num_tokens"}
                 labels = batch.pop("labels")
                 keep = answer_positions(labels)
-                pred = model(**batch, logits_to_keep=keep, use_cache=False).logits.argmax(-1)
+                pred = kept(model(**batch, logits_to_keep=keep, use_cache=False).logits, keep).argmax(-1)
                 right = (pred == labels[:, 1:][keep[:, :-1]]).float()
                 counts = [sum(t != IGNORE for t in it["labels"]) for it in items]  # answer tokens per example
                 sums[0] += sum(part.mean().item() for part in torch.split(right, counts))
@@ -335,7 +341,7 @@ def trainer_classes():
             keep = answer_positions(labels)
             outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits (answer tokens, vocab) only
             targets = labels[:, 1:][keep[:, :-1]]
-            loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+            loss = F.cross_entropy(kept(outputs.logits, keep).float(), targets, reduction="sum")
             if num_items_in_batch is None:
                 loss = loss / max(targets.numel(), 1)
             else:  # as the Trainer's own loss: over the whole optimiser step, across processes

@@ -60,7 +60,8 @@ from .trainer import Collator, DevEval, Run, VideoItems, is_main, last_checkpoin
 
 SETTINGS = ("sft", "it")
 PRESET_NAMES = ("paper", "fast")
-MODALITIES = ("auto", "text", "video")
+MODALITIES = ("auto", "text", "video", "audio", "av")
+CLIPS = ("video", "audio", "av")  # modalities whose rows come with their clip
 EVAL_GEN = ("score", "generate", "none")
 SELECT = ("eval_accuracy", "eval_gen_accuracy")
 PRECISIONS = ("auto", "fp32", "bf16", "mixed")
@@ -86,6 +87,7 @@ class TrainConfig:
     fps: float | None = None
     max_pixels: int | None = None
     no_frame_cache: bool = False  # decode every clip again
+    max_audio_seconds: float | None = None  # audio, av: sound kept per clip (default: the model family's)
     paper_table: str | None = None  # video: the per-dataset table `paper` applies (default: the model family's)
     # optimisation (the preset sets these)
     learning_rate: float = 5e-5
@@ -188,7 +190,7 @@ _VIDEO_COMMON = dict(lr_scheduler="cosine", lora_rank=8, lora_alpha=16, lora_dro
 # Settings that change the trained weights: a run directory refuses to resume (or to be reused) under different
 # ones. They are compared as the user gave them (None = the default), so the same command always resumes.
 _IDENTITY = ("model", "datasets", "setting", "modality", "family", "protocol", "limit", "frames", "num_frames", "fps",
-             "max_pixels", "learning_rate", "num_epochs", "max_steps", "per_device_batch_size",
+             "max_pixels", "max_audio_seconds", "learning_rate", "num_epochs", "max_steps", "per_device_batch_size",
              "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "cutoff_len",
              "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_target")
 
@@ -207,13 +209,17 @@ def setting_of(datasets, setting: str = "auto") -> str:
 
 def model_info(model: str, modality: str = "auto", trust_remote_code: bool = False) -> tuple[str, dict]:
     """(modality, the model family's row of mmla.models.FAMILIES) for a model; errors are one line."""
-    from .models import family_of, read_config as model_config, takes_images
+    from .models import family_of, hears, modality_of, read_config as model_config, takes_images
 
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got '{modality}'")
     if modality == "text" or (modality == "auto" and str(model) == "smollm2-135m"):
         return "text", {}
     config = model_config(model, trust_remote_code)
+    if modality in ("audio", "av") or (modality == "auto" and hears(config)):
+        if not hears(config):
+            raise ValueError(f"model '{model}' ({config.model_type}) has no audio encoder (use modality=video or text)")
+        return (modality_of(model, trust_remote_code) if modality == "auto" else modality), family_of(config)
     if not takes_images(config):
         if modality == "video":
             raise ValueError(f"model '{model}' is a {config.model_type} text model: it cannot take video "
@@ -248,7 +254,7 @@ def make_config(values: dict | None = None) -> TrainConfig:
     """defaults < preset (for the setting, the modality and, for video SFT, the dataset) < `values` (YAML keys, CLI
     flags and key=value, already merged, or a run's config.yaml)."""
     # a recorded config.yaml may come back as values: what mmla itself added to it is not a setting
-    values = {k: v for k, v in (values or {}).items() if k not in ("explicit", "frame_setting")}
+    values = {k: v for k, v in (values or {}).items() if k not in ("explicit", "frame_setting", "audio_setting")}
     typed = {k: coerce(TrainConfig, k, v) for k, v in values.items()}
     preset = typed.get("preset", TrainConfig.preset)
     if preset not in PRESET_NAMES:
@@ -261,7 +267,7 @@ def make_config(values: dict | None = None) -> TrainConfig:
     first = _parse(spec, modality)[0]
     cfg = TrainConfig(**{**_preset_values(preset, setting, modality, table, first), **typed})
     cfg.setting, cfg.modality, cfg.paper_table, cfg.explicit = setting, modality, table, sorted(typed)
-    if modality == "video" and cfg.frames is None:
+    if modality in ("video", "av") and cfg.frames is None:
         cfg.frames = family.get("train_frames", "official-train")
     return validate(cfg)
 
@@ -276,15 +282,15 @@ def with_preset(cfg: TrainConfig, dataset: str) -> TrainConfig:
 
 def _parse(spec, modality: str) -> list[str]:
     spec = spec if len(spec) != 1 else spec[0]
-    if modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
+    if modality in CLIPS and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
         spec = "video"
     return parse_datasets(spec)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    if cfg.modality == "auto" or (cfg.modality == "video" and cfg.frames is None):
+    if cfg.modality == "auto" or (cfg.modality in ("video", "av") and cfg.frames is None):
         cfg.modality, family = model_info(cfg.model, cfg.modality, cfg.trust_remote_code)
-        if cfg.modality == "video":
+        if cfg.modality in ("video", "av"):
             cfg.frames = cfg.frames or family.get("train_frames", "official-train")
     cfg.datasets = _parse(cfg.datasets, cfg.modality)
     checks = [("preset", PRESET_NAMES), ("setting", SETTINGS), ("modality", MODALITIES[1:]), ("protocol", PROTOCOLS),
@@ -292,7 +298,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, allowed in checks:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(cfg, key)}'")
-    video = cfg.modality == "video"
+    video = cfg.modality in CLIPS
     if cfg.family is None:
         cfg.family = "llamafactory_video" if video else "llamafactory_text"
     if cfg.eval_family is None:
@@ -323,8 +329,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                              f"({', '.join(VIDEO_DATASETS)}) or modality=text")
         if cfg.batching == "packed":
             raise ValueError("batching=packed is for text models (a video row's positions are not 0..n-1)")
-        frame_setting(cfg)  # validates
-    elif any(getattr(cfg, k) is not None for k in ("frames", "num_frames", "fps", "max_pixels")):
+        if cfg.modality != "audio":
+            frame_setting(cfg)  # validates
+    if cfg.modality not in ("video", "av") and any(getattr(cfg, k) is not None for k in ("frames", "num_frames", "fps", "max_pixels")):
         raise ValueError(f"frames, num_frames, fps and max_pixels are for video models; '{cfg.model}' is trained "
                          f"as text")
     return cfg
@@ -358,7 +365,7 @@ def build_split(cfg: TrainConfig, inputs, datasets: list[str], split: str, limit
     """The rows of `split` as training items through the seam `inputs`. Video: each clip is decoded now (into the
     frame cache, so the Trainer reads it back); a row whose clip is missing or unreadable is left out and counted."""
     eot = inputs.end_of_turn(cfg.protocol)
-    video = inputs.modality == "video"
+    video = inputs.modality in CLIPS
     finder = video_mod.ClipFinder(cfg.data) if video else None
     out = Split([], [], [] if video else None)
     rows_v = []
@@ -372,7 +379,7 @@ def build_split(cfg: TrainConfig, inputs, datasets: list[str], split: str, limit
                 error = clip.error
                 if clip.path is not None:
                     try:
-                        video_mod.load_frames(clip.path, inputs.setting, cache)
+                        inputs.load(clip.path, cache)
                     except video_mod.ClipError as err:
                         error = str(err)
                 if error:
@@ -458,8 +465,9 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
     from .inputs import make_inputs
 
     model, tok, device, precision = load_for_training(cfg, model)
-    video = cfg.modality == "video"
-    inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
+    video = cfg.modality in CLIPS
+    inputs = make_inputs(model, tok, frame_setting(cfg) if cfg.modality in ("video", "av") else None, cfg.modality,
+                         {"max_seconds": cfg.max_audio_seconds})
     cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
     train_split = build_split(cfg, inputs, datasets, "train", cfg.limit, cache=cache)
     if len(train_split.items) == 0:
@@ -496,7 +504,8 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora_target,
             task_type="CAUSAL_LM"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    frames = {"frame_setting": inputs.setting.record()} if video else {}
+    frames = {"frame_setting": inputs.setting.record()} if getattr(inputs, "setting", None) else {}
+    frames.update({"audio_setting": inputs.record()} if hasattr(inputs, "record") else {})
     if is_main():
         write_config(out / "config.yaml", {**_record(cfg, datasets), **frames})
         write_json(out / "env.json", {
