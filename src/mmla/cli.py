@@ -101,6 +101,8 @@ def cmd_predict(a) -> int:
     print(format_table(result, _paper_reference(a.paper_model, a.setting)))
     if result.get("missing_clips"):
         print(f"missing or unreadable clips: {result['missing_clips']} (recorded per sample as clip_error)")
+    if result.get("silent_clips"):
+        print(f"clips without sound: {result['silent_clips']} (run with silence, recorded as audio_track: false)")
     print(f"run directory: {a.out}")
     return 0
 

@@ -294,7 +294,9 @@ def load_model(
     processor = load_processor(path, trust_remote_code)
     if modality == "audio" and getattr(processor, "feature_extractor", None) is None:
         raise ValueError(f"model '{name_or_path}' ({config.model_type}): its processor takes no audio")
-    if modality in ("video", "av") and getattr(processor, "video_processor", None) is None:
+    if modality == "av" and getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"model '{name_or_path}' ({config.model_type}) hears but does not see: use --modality audio")
+    if modality == "video" and getattr(processor, "video_processor", None) is None:
         raise ValueError(f"model '{name_or_path}' ({config.model_type}): its processor takes images but not video")
     return model, processor
 
