@@ -86,12 +86,14 @@ class _Sink:
         self.records.append(rec)
 
 
-def ours(model, processor, root: Path, examples, setting, decoding, cache, batch_size: int) -> list[str]:
+def ours(model, processor, root: Path, examples, setting, decoding, cache, batch_size: int,
+         modality: str = "video") -> list[str]:
     cfg = inference.PredictConfig(model="bench", data=str(root), datasets=["MELD"], family="infer_script",
-                                  batch_size=batch_size, mode="generate", modality="video", out="unused")
+                                  batch_size=batch_size, mode="generate", modality=modality, out="unused")
     sink = _Sink()
     todo = [(e, 0) for e in examples]  # (row, which draw): one greedy answer per row
-    inference._run(cfg, model, make_inputs(model, processor, setting), decoding, cache, todo, sink, progress=False)
+    inference._run(cfg, model, make_inputs(model, processor, setting, modality), decoding, cache, todo, sink,
+                   progress=False)
     by_id = {r["id"]: r["output"] for r in sink.records}
     return [by_id[e.id] for e in examples]
 

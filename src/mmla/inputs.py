@@ -135,6 +135,10 @@ class TextInputs:
     def forward_kwargs(self, kwargs: dict) -> dict:
         return kwargs
 
+    def last_logits(self, model, **kwargs) -> torch.Tensor:
+        """One forward; the next-token logits (B, V) at each row's last position."""
+        return model(**kwargs, logits_to_keep=1).logits[:, -1]
+
     @property
     def lora_target(self) -> str:
         return "all-linear"  # every linear layer but the output layer (LLaMA-Factory `all`)
@@ -333,6 +337,9 @@ class AudioInputs(VideoInputs):
         self.audio_setting = audio_mod.audio_setting(processor, self.family, max_seconds, interleave, modality)
         self._init_model(model)
         self._audio_caches: dict[int, audio_mod.AudioCache] = {}
+        core = _core(model)
+        self._keeps_logits = "logits_to_keep" in self._forward_params or not (
+            hasattr(core, "model") and hasattr(core, "lm_head"))
 
     def load(self, path, cache: video_mod.FrameCache | None):
         if cache is not None and id(cache) not in self._audio_caches:
@@ -395,6 +402,15 @@ class AudioInputs(VideoInputs):
             # tensor, so that the collated batch moves to the device like the rest)
             out["use_audio_in_video"] = torch.tensor(True)
         return out
+
+    def last_logits(self, model, **kwargs) -> torch.Tensor:
+        if self._keeps_logits:
+            return super().last_logits(model, **kwargs)
+        # Qwen2.5-Omni's thinker ignores logits_to_keep and projects every position onto the vocabulary (at a
+        # prefill of ~600 tokens, most of a small model's time): run its body, then the head on the last position.
+        core = _core(model)
+        hidden = core.model(**kwargs).last_hidden_state[:, -1]
+        return core.lm_head(hidden)
 
     def record(self) -> dict:
         """The audio setting of a run (env.json, config.yaml)."""
