@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", help="an omni checkpoint (default: a tiny random Qwen2.5-Omni thinker)")
     ap.add_argument("--n", type=int, default=12, help="samples (clips)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=128)  # the omni family's official-style budget
     ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")

@@ -16,7 +16,7 @@ LAYERS = [
     {"trainer", "distributed"},
     {"inference", "training"},
     {"multilora"},
-    {"experiment"},
+    {"experiment", "ablation"},
     {"report", "export"},
     {"demo"},
     {"cli"},

@@ -295,9 +295,14 @@ class VideoInputs(TextInputs):
         if self._rope is None:
             return super().positions(ids, mask, media, tokens)
         params = inspect.signature(self._rope).parameters
-        kw = {k: v for k, v in {**media, **tokens, "attention_mask": mask}.items() if k in params}
+        kw = {k: v for k, v in {**media, **tokens, **self._rope_extra(media), "attention_mask": mask}.items()
+              if k in params}
         positions, _ = self._rope(input_ids=ids, **kw)
         return positions
+
+    def _rope_extra(self, media: dict) -> dict:
+        """Rope-index arguments named otherwise than the processor's outputs (Qwen2.5-Omni: second_per_grids)."""
+        return {"second_per_grids": media["video_second_per_grid"]} if "video_second_per_grid" in media else {}
 
     def prefix_limit(self, ids: list[int]) -> int:
         # a shared prefix stops before the first media token: the vision features enter at the prefill
@@ -382,18 +387,11 @@ class AudioInputs(VideoInputs):
                 kw.update(audio_from_video_indices=[0], load_audio_from_video=True)
         return self.processor(**kw)
 
-    def positions(self, ids, mask, media, tokens):
-        if self._rope is None:
-            return TextInputs.positions(self, ids, mask, media, tokens)
-        params = inspect.signature(self._rope).parameters
-        extra = {"use_audio_in_video": self.audio_setting.interleave}
+    def _rope_extra(self, media: dict) -> dict:
+        extra = {**super()._rope_extra(media), "use_audio_in_video": self.audio_setting.interleave}
         if "feature_attention_mask" in media:
             extra["audio_seqlens"] = media["feature_attention_mask"].sum(-1)
-        if "video_second_per_grid" in media:
-            extra["second_per_grids"] = media["video_second_per_grid"]
-        kw = {k: v for k, v in {**media, **tokens, **extra, "attention_mask": mask}.items() if k in params}
-        positions, _ = self._rope(input_ids=ids, **kw)
-        return positions
+        return extra
 
     def forward_kwargs(self, kwargs: dict) -> dict:
         out = super().forward_kwargs(kwargs)

@@ -253,16 +253,23 @@ def load_model(
     torch_dtype = pick_dtype(dtype, dev)
     config = read_config(name_or_path, trust_remote_code)
     video = modality in ("video", "audio", "av")
-    if modality in ("audio", "av"):
-        if not hears(config):
-            raise ValueError(f"model '{name_or_path}' ({config.model_type}) has no audio encoder: it cannot take "
-                             f"audio (use --modality {'video' if takes_images(config) else 'text'})")
-        from transformers import AutoModelForMultimodalLM as auto_class
-    elif video:
+    if modality in ("audio", "av") and not hears(config):
+        raise ValueError(f"model '{name_or_path}' ({config.model_type}) has no audio encoder: it cannot take "
+                         f"audio (use --modality {'video' if takes_images(config) else 'text'})")
+    if modality != "video" and getattr(config, "thinker_config", None) is not None:
+        # a full omni checkpoint (thinker + talker): the thinker alone is the text-generating model (the talker
+        # only speaks); its class loads the thinker's weights from the full checkpoint
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES as names
+
+        auto_class = getattr(transformers, names[config.thinker_config.model_type])
+    elif video and modality == "video":
         if not takes_images(config):
             raise ValueError(f"model '{name_or_path}' is a {config.model_type} text model: it cannot take video "
                              f"(use --modality text)")
         from transformers import AutoModelForImageTextToText as auto_class
+    elif hears(config):  # audio, av; or an omni or audio LLM on text alone (the modality ablation's text row)
+        from transformers import AutoModelForMultimodalLM as auto_class
     else:
         auto_class = AutoModelForCausalLM
     try:
