@@ -224,3 +224,18 @@ def test_lora_sft_step(arch, modality, request, root, tmp_path):
     predict(_cfg(model, root, out, modality=modality, adapter=res["adapter"], datasets=["MUStARD"]), progress=False,
             frame_cache=V.FrameCache(tmp_path / "fc"))
     assert all(r["output"] for r in _lines(out / "predictions.jsonl"))
+
+
+@pytest.mark.parametrize("modality", ["video", "text"])
+def test_omni_model_on_video_or_text_alone(omni, root, tmp_path, modality):
+    """The ablation's other rows: the same omni model sees only the frames, or reads only the text; batched runs
+    equal one row at a time."""
+    outs = []
+    for bs in (4, 1):
+        out = tmp_path / f"bs{bs}"
+        predict(_cfg(omni, root, out, modality=modality), progress=False, frame_cache=V.FrameCache(tmp_path / "fc"))
+        recs = _lines(out / "predictions.jsonl")
+        assert len(recs) == 7 and all("audio_track" not in r for r in recs)
+        assert sum(bool(r.get("clip_error")) for r in recs) == (2 if modality == "video" else 0)
+        outs.append({(r["dataset"], r["id"]): r["output"] for r in recs})
+    assert outs[0] == outs[1]

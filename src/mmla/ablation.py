@@ -9,14 +9,15 @@ difference is the modality's, not a different sample. Per dataset, per dimension
 and overall: ACC per modality, with a 95% interval, and the differences
   +video          video - text
   +audio          audio - text
-  +audio | video  av - video   (what the sound adds to the picture)
-  +video | audio  av - audio   (what the picture adds to the sound)
+  +audio to video  av - video   (what the sound adds to the picture)
+  +video to audio  av - audio   (what the picture adds to the sound)
 Intervals: a run's own `ci95` block in metrics.json (per dataset, key ACC: [low, high]) when the comparison keeps
 all of that run's rows; otherwise a percentile bootstrap of ACC over the compared rows (2,000 resamples, seed 0).
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ from .runs import PREDICTION_KEYS, read_json, read_jsonl, write_json, write_text
 from .tasks import get_task
 
 MODALITY_ORDER = ("text", "video", "audio", "av")
-DELTAS = (("+video", "video", "text"), ("+audio", "audio", "text"), ("+audio | video", "av", "video"),
-          ("+video | audio", "av", "audio"))
+DELTAS = (("+video", "video", "text"), ("+audio", "audio", "text"), ("+audio to video", "av", "video"),
+          ("+video to audio", "av", "audio"))
 BOOTSTRAP = 2000
 
 
@@ -136,7 +137,7 @@ def plot(table: dict, title: str, path: Path) -> Path:
     ax.set_xticklabels([_name(r).replace(" (dimension)", "\n(dim.)") for r in rows], rotation=45, ha="right",
                        fontsize=8)
     ax.set_ylabel("ACC (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.legend(fontsize=8, ncols=len(mods))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
