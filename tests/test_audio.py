@@ -239,3 +239,24 @@ def test_omni_model_on_video_or_text_alone(omni, root, tmp_path, modality):
         assert sum(bool(r.get("clip_error")) for r in recs) == (2 if modality == "video" else 0)
         outs.append({(r["dataset"], r["id"]): r["output"] for r in recs})
     assert outs[0] == outs[1]
+
+
+def test_data_parallel_av_predict_equals_one_process(omni, root, tmp_path):
+    """Two torchrun processes (gloo, CPU) share the rows; the merged predictions equal one process's."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_WAIT_POLICY": "PASSIVE",
+           "TOKENIZERS_PARALLELISM": "false", "MMLA_FRAME_CACHE": str(tmp_path / "fc")}
+    args = ["-m", "mmla.cli", "predict", "--modality", "av", "--model", str(omni), "--data", str(root), "--datasets",
+            "MELD,MUStARD", "--max-new-tokens", "4", "--batch-size", "2", "--threads", "1", "--device", "cpu",
+            "--no-progress"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
+    rows = {d: {(r["dataset"], r["id"]): (r["output"], r.get("audio_track"), r.get("clip_error"))
+                for r in _lines(tmp_path / d / "predictions.jsonl")} for d in ("one", "two")}
+    assert len(rows["two"]) == 7 and rows["one"] == rows["two"]
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["silent_clips"] == 3 and metrics["missing_clips"] == 2
