@@ -38,6 +38,13 @@ def qwen2_audio(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def qwen3_omni(tmp_path_factory) -> Path:
+    from mmla.tiny import build_tiny_audio_model
+
+    return build_tiny_audio_model("qwen3-omni", tmp_path_factory.mktemp("tiny-qwen3-omni"))
+
+
+@pytest.fixture(scope="module")
 def root(tmp_path_factory, videos_dir) -> Path:
     """MELD test: demo_3 (speech), demo_9 (a silent AAC track), a synthetic clip without audio, a missing clip and a
     corrupt one; MUStARD test: a synthetic clip and the real clip without an audio track."""
@@ -88,7 +95,8 @@ def test_audio_cache(videos_dir, tmp_path):
 # ---------------------------------------------------------------- the seam
 
 
-@pytest.mark.parametrize("arch,modality", [("omni", "av"), ("omni", "audio"), ("qwen2_audio", "audio")])
+@pytest.mark.parametrize("arch,modality", [("omni", "av"), ("omni", "audio"), ("qwen2_audio", "audio"),
+                                           ("qwen3_omni", "av")])
 def test_batched_equals_generate_one_at_a_time(arch, modality, request, videos_dir, tmp_path):
     """Speech, a silent track and a clip with no track, in one continuously batched run (the clip without audio
     comes first: with audio interleaved, a row without audio features before one with them is what breaks the
@@ -100,7 +108,7 @@ def test_batched_equals_generate_one_at_a_time(arch, modality, request, videos_d
     model, proc = load_model(request.getfixturevalue(arch), modality=modality, dtype="float32", device="cpu")
     inputs = make_inputs(model, proc, V.SETTINGS["official-infer"], modality)
     assert isinstance(inputs, AudioInputs)
-    assert inputs.audio_setting.interleave == (modality == "av")  # the family's default: Qwen2.5-Omni interleaves
+    assert inputs.audio_setting.interleave == (modality == "av")  # the family's default: the omni models interleave
     cache = V.FrameCache(tmp_path / "fc")
     clips = [inputs.load(videos_dir / c, cache) for c in (NO_TRACK, SOUND, DIGITAL_SILENCE)]
     texts = inputs.chat(["Hi.", "What is going on here, seriously? Tell me.", "Okay then."], "official")

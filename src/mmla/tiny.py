@@ -260,12 +260,12 @@ def build_tiny_video_model(arch: str, out_dir: str | os.PathLike, seed: int = 0)
 
 
 # ---------------------------------------------------------------- audio-capable models
-# Qwen2.5-Omni-7B's thinker and Qwen2-Audio-7B-Instruct, tiny: the stock config/model/processor classes, SmolLM2's
+# Qwen2.5-Omni-7B's thinker, Qwen3-Omni's thinker (MoE text model, 4 experts) and Qwen2-Audio-7B-Instruct, tiny: the stock config/model/processor classes, SmolLM2's
 # tokenizer with the named audio/vision tokens the processors read as attributes. The audio encoders are
 # initialised with std 0.2 (the stock 0.02 makes a 2-layer encoder's output nearly the same for speech and
 # silence, so a test could not tell whether the audio reached the model).
 
-TINY_AUDIO_ARCHS = ("qwen2.5-omni", "qwen2-audio")
+TINY_AUDIO_ARCHS = ("qwen2.5-omni", "qwen3-omni", "qwen2-audio")
 AUDIO_INIT_RANGE = 0.2
 
 OMNI_TOKENS = {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
@@ -327,6 +327,38 @@ def _qwen2_5_omni():
     return config, processor
 
 
+QWEN3_OMNI_TOKENS = {"image_token": "<|image_pad|>", "audio_token": "<|audio_pad|>", "video_token": "<|video_pad|>",
+                     "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+                     "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>"}
+# Qwen3-Omni's instruct template as far as mmla uses it: Qwen3-VL's, with audio parts.
+QWEN3_OMNI_CHAT_TEMPLATE = QWEN3_VL_CHAT_TEMPLATE.replace(
+    "{%- elif content.type == 'video'",
+    "{%- elif content.type == 'audio' or 'audio' in content %}<|audio_start|><|audio_pad|><|audio_end|>"
+    "{%- elif content.type == 'video'")
+
+
+def _qwen3_omni():
+    import transformers as tf
+
+    tok = _tokenizer(named=QWEN3_OMNI_TOKENS)
+    tid = lambda name: tok.convert_tokens_to_ids(QWEN3_OMNI_TOKENS[name])  # noqa: E731
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = _text(tok, head_dim=16, rope_parameters=rope, moe_intermediate_size=32, num_experts=4,
+                 num_experts_per_tok=2, decoder_sparse_step=1)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config = tf.Qwen3OmniMoeThinkerConfig(
+        audio_config=_audio_encoder(output_dim=64, downsample_hidden_size=16), vision_config=vision, text_config=text,
+        audio_token_id=tid("audio_token"), image_token_id=tid("image_token"), video_token_id=tid("video_token"),
+        audio_start_token_id=tid("audio_bos_token"), vision_start_token_id=tid("vision_bos_token"),
+        user_token_id=tok.convert_tokens_to_ids("user"))
+    processor = tf.Qwen3OmniMoeProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(patch_size=16), video_processor=tf.Qwen3VLVideoProcessor(),
+        feature_extractor=tf.WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
+        chat_template=QWEN3_OMNI_CHAT_TEMPLATE)
+    return config, processor
+
+
 def _qwen2_audio():
     import transformers as tf
 
@@ -342,6 +374,8 @@ def tiny_audio_parts(arch: str):
     """(config, processor) of a tiny audio-capable model of `arch` (one of TINY_AUDIO_ARCHS), nothing written."""
     if arch == "qwen2.5-omni":
         return _qwen2_5_omni()
+    if arch == "qwen3-omni":
+        return _qwen3_omni()
     if arch == "qwen2-audio":
         return _qwen2_audio()
     raise ValueError(f"unknown tiny audio architecture '{arch}' (known: {', '.join(TINY_AUDIO_ARCHS)})")
