@@ -1,4 +1,4 @@
-"""The one seam where text and video differ: prompts (and clips) -> model inputs.
+"""The one seam where text, video and audio differ: prompts (and clips) -> model inputs.
 
 Everything that depends on the modality or the architecture lives here; the engine, the predict loop and the
 trainer exist once and call an `Inputs`:
@@ -13,8 +13,9 @@ trainer exist once and call an `Inputs`:
 
 `TextInputs` wraps a tokenizer. `VideoInputs` wraps a transformers processor (`AutoProcessor`): frames decoded by
 mmla (PyAV + the frame cache, mmla.video) go to the processor as arrays with their fps, so any transformers-native
-video-LLM works through its own processor and chat template, with no code per model. What must stay per model is data
-in `models.FAMILIES`.
+video-LLM works through its own processor and chat template, with no code per model. `AudioInputs` does the same for a
+model whose processor takes audio (modalities "audio" and "av"), the waveform decoded and cached by mmla.audio. What
+must stay per model is data in `models.FAMILIES` and `audio.AUDIO_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -363,6 +364,7 @@ class AudioInputs(VideoInputs):
         return {"audio_track": bool(sound.has_track)}
 
     def _parts(self) -> list[dict]:
+        # the "audio" key: Qwen2-Audio's template tests `'audio' in content`, not the part's type
         audio = [{"type": "audio", "audio": "clip"}]
         if self.modality == "audio":
             return audio
