@@ -19,6 +19,7 @@ before one with audio).
 
 Families. `AUDIO_FAMILIES` is data keyed by the config's model_type (move it into a model-family table as is):
   max_seconds      audio kept per clip (and the features' padded length: rows of one length share a forward)
+  pad_seconds      the features' padded length when the encoder wants one fixed length (Qwen2-Audio: 30 s)
   video            whether the model also takes video (av modality)
   interleave       the processor's time-aligned audio-in-video option is used for av (Qwen2.5-Omni:
                    `load_audio_from_video` + `use_audio_in_video`): audio and frame tokens alternate in 2 s chunks
@@ -57,7 +58,8 @@ AUDIO_FAMILIES: dict[str, dict] = {
                          processor_kwargs=_QWEN_FRAMES),
     "qwen3_omni_moe_thinker": dict(max_seconds=30.0, video=True, interleave=True, max_new_tokens=128,
                                    processor_kwargs=_QWEN_FRAMES),
-    "qwen2_audio": dict(max_seconds=30.0, video=False, interleave=False, max_new_tokens=128),
+    # its Whisper encoder takes exactly 30 s of features (max_source_positions 1500 x 2 strides)
+    "qwen2_audio": dict(max_seconds=30.0, pad_seconds=30.0, video=False, interleave=False, max_new_tokens=128),
 }
 
 

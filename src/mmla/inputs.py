@@ -376,8 +376,9 @@ class AudioInputs(VideoInputs):
         sound = clip.audio if isinstance(clip, audio_mod.AvClip) else clip
         # Every row's features padded to the same length (max_seconds): rows then share a forward, and a row's
         # features never depend on the others in its batch.
+        pad = int(round(self.family.get("pad_seconds", s.max_seconds) * s.rate))
         kw = dict(text=[text], audio=[sound.wave], return_tensors="pt", add_special_tokens=False,
-                  audio_kwargs={"sampling_rate": s.rate, "max_length": s.max_samples, "truncation": True,
+                  audio_kwargs={"sampling_rate": s.rate, "max_length": pad, "truncation": True,
                                 "padding": "max_length"})
         if self.modality == "av":
             frames = clip.frames
