@@ -268,3 +268,20 @@ def test_data_parallel_av_predict_equals_one_process(omni, root, tmp_path):
     assert len(rows["two"]) == 7 and rows["one"] == rows["two"]
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["silent_clips"] == 3 and metrics["missing_clips"] == 2
+
+
+def test_omni_model_gets_one_system_prompt_and_budget_in_every_modality(omni):
+    """The ablation's columns differ by the input only: the same system prompt and generation budget."""
+    from mmla.inference import PredictConfig as P, decoding_for
+    from mmla.inputs import make_inputs
+    from mmla.models import load_model
+
+    system, budgets = set(), set()
+    for modality in ("text", "video", "audio", "av"):
+        model, tok = load_model(omni, modality=modality, dtype="float32", device="cpu")
+        inputs = make_inputs(model, tok, V.SETTINGS["official-infer"], modality)
+        msgs = inputs.messages("hello", "official")
+        content = msgs[0]["content"]
+        system.add(content if isinstance(content, str) else content[0]["text"])
+        budgets.add(decoding_for(P(), model, inputs).max_new_tokens)
+    assert system == {A.OMNI_SYSTEM} and budgets == {128}

@@ -176,7 +176,7 @@ def dedupe(records: list[dict]) -> list[dict]:
 def decoding_for(cfg: PredictConfig, model, inputs) -> Decoding:
     """The protocol's decoding: the official script's (per model kind / family) or greedy (clean)."""
     if cfg.protocol == "official":
-        if inputs.modality != "text":  # the official MLLM infer.py: the checkpoint's generation config
+        if inputs.modality != "text" or inputs.family:  # the official MLLM infer.py (an omni model reading text too): the checkpoint's generation config
             decoding = official_decoding("qwen", model.generation_config)
             decoding.max_new_tokens = inputs.family.get("max_new_tokens", decoding.max_new_tokens)
         else:

@@ -53,6 +53,7 @@ class Row:
 class TextInputs:
     modality = "text"
     rope_dims = 1
+    family: dict = {}  # an audio model family's row (mmla.audio) when an omni model reads text alone
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -62,7 +63,13 @@ class TextInputs:
 
     # ---- prompts -> strings
     def messages(self, prompt: str, protocol: str, training: bool = False) -> list[dict]:
-        return chat_messages(prompt, protocol, self.kind, training=training)
+        msgs = chat_messages(prompt, protocol, self.kind, training=training)
+        system = self.family.get("system")
+        if system and protocol == "official" and not training:
+            # an omni model reads text under its own system prompt too, so that the modality ablation's text
+            # column differs from the others by the input only
+            msgs = [{"role": "system", "content": system}] + [m for m in msgs if m["role"] != "system"]
+        return msgs
 
     def chat(self, prompts: list[str], protocol: str, training: bool = False) -> list[str]:
         """The full model input strings, each ending with the assistant turn's header."""
@@ -162,7 +169,7 @@ class VideoInputs(TextInputs):
     def __init__(self, model, processor, setting: video_mod.FrameSetting):
         super().__init__(model, processor.tokenizer)
         self.processor = processor
-        self.family = family_of(model.config)
+        self.family = {**family_of(model.config), **audio_mod.audio_family(model.config)}
         self._init_video(setting)
         self._init_model(model)
 
@@ -437,4 +444,6 @@ def make_inputs(model, tokenizer_or_processor, setting: video_mod.FrameSetting |
     if setting is not None and hasattr(tokenizer_or_processor, "video_processor"):
         return VideoInputs(model, tokenizer_or_processor, setting)
     tok = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
-    return TextInputs(model, tok)
+    inputs = TextInputs(model, tok)
+    inputs.family = audio_mod.audio_family(model.config)
+    return inputs
