@@ -92,13 +92,13 @@ class _Sink:
 
 
 def ours(model, processor, root: Path, examples, setting, decoding, cache, batch_size: int,
-         decode_workers: int | None = None) -> list[str]:
+         decode_workers: int | None = None, modality: str = "video") -> list[str]:
     cfg = inference.PredictConfig(model="bench", data=str(root), datasets=["MELD"], family="infer_script",
-                                  batch_size=batch_size, mode="generate", modality="video", out="unused",
+                                  batch_size=batch_size, mode="generate", modality=modality, out="unused",
                                   decode_workers=decode_workers)
     sink = _Sink()
     todo = [(e, 0) for e in examples]  # (row, which draw): one greedy answer per row
-    backend = LocalBackend.of(model, make_inputs(model, processor, setting))
+    backend = LocalBackend.of(model, make_inputs(model, processor, setting, modality=modality))
     inference._run(cfg, backend, decoding, cache, todo, sink, progress=False)
     by_id = {r["id"]: r["output"] for r in sink.records}
     return [by_id[e.id] for e in examples]

@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mmla"
 LAYERS = [
     {"__init__", "tasks", "config", "errors", "stats"},
     {"data", "prompts", "evaluation", "runs", "paper", "decode"},
-    {"video", "models", "resolve", "compare", "plots"},
+    {"video", "audio", "models", "resolve", "compare", "plots"},
     {"llava_video"},
     {"tiny", "inputs"},
     {"backends"},
@@ -18,7 +18,7 @@ LAYERS = [
     {"finetune", "distributed"},
     {"inference", "multilora"},
     {"training"},
-    {"experiment"},
+    {"experiment", "ablation"},
     {"report", "report_stats", "export"},
     {"demo"},
     {"cli"},

@@ -104,7 +104,7 @@ def cmd_predict(a) -> int:
         paper_model=a.paper_model, name=a.name, out=a.out, modality=a.modality, frames=a.frames,
         num_frames=a.num_frames, fps=a.fps, max_pixels=a.max_pixels, no_frame_cache=a.no_frame_cache,
         backend=a.backend, base_url=a.base_url, api_key_env=a.api_key_env, concurrency=a.concurrency,
-        decode_workers=a.decode_workers,
+        decode_workers=a.decode_workers, max_audio_seconds=a.max_audio_seconds, audio_in_video=a.audio_in_video,
     )
     from .distributed import ranks
 
@@ -115,6 +115,8 @@ def cmd_predict(a) -> int:
     print(format_table(result, _paper_reference(a.paper_model, a.setting)))
     if result.get("missing_clips"):
         print(f"missing or unreadable clips: {result['missing_clips']} (recorded per sample as clip_error)")
+    if result.get("silent_clips"):
+        print(f"clips without sound: {result['silent_clips']} (run with silence, recorded as audio_track: false)")
     print(f"run directory: {a.out}")
     return 0
 
@@ -244,6 +246,11 @@ def cmd_run(a) -> int:
     if not main:  # under torchrun / accelerate launch: rank 0 reports
         return 0
     print(text)
+    if cfg.modalities:
+        print(f"\nablation: {Path(cfg.out) / 'ablation.md'} (figure: ablation.png); run directories: "
+              + ", ".join(str(Path(cfg.out) / f"zero-shot-{m}") for m in cfg.modalities))
+        if cfg.stages == ["zero-shot"]:
+            return 0
     print(f"\nresults: {Path(cfg.out) / 'results.md'}; run directories for `mmla report`: "
           + ", ".join(str(Path(cfg.out) / s) for s in STAGES if s in cfg.stages))
     return 0
@@ -318,6 +325,15 @@ def add_check_data_cli(subparsers) -> None:
     sp.set_defaults(func=cmd_check_data)
 
 
+def audio_args(sp) -> None:
+    """The audio options of `mmla predict --modality audio|av`."""
+    sp.add_argument("--max-audio-seconds", type=float,
+                    help="audio, av: seconds of sound kept per clip (default: the model family's, else 30)")
+    sp.add_argument("--audio-in-video", action=argparse.BooleanOptionalAction, default=None,
+                    help="av: interleave the sound with the frames in time (default: the model family's; "
+                         "Qwen2.5-Omni yes), or give it as a separate audio part")
+
+
 def frame_args(sp) -> None:
     """The frame options of predict, train and check-data (mmla.video's settings)."""
     from .video import SETTINGS
@@ -348,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--split", default="test", choices=SPLITS)
     sp.add_argument("--family", default="clean", choices=PROMPT_FAMILIES)
-    sp.add_argument("--modality", default="text", choices=("text", "video"))
+    sp.add_argument("--modality", default="text", choices=("text", "video", "audio", "av"))
     sp.add_argument("--limit", type=_positive_int)
     sp.set_defaults(func=cmd_prompts)
 
@@ -401,12 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="a short label for reports")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--out", required=True, help="run directory (rerun to resume)")
-    sp.add_argument("--modality", default="auto", choices=("auto", "text", "video"),
-                    help="auto (default): video for a vision-language model (datasets: the 9 with videos), else text")
+    sp.add_argument("--modality", default="auto", choices=("auto", "text", "video", "audio", "av"),
+                    help="auto (default): what the model takes (av for an omni model, audio for an audio LLM, video "
+                         "for a vision-language model; datasets: the 9 with videos), else text")
     frame_args(sp)
     sp.add_argument("--decode-workers", type=_positive_int, metavar="N",
                     help="video: threads decoding the next batches' clips while the model runs (default: the "
                          "cores, at most 8; 1: decode in line)")
+    audio_args(sp)
     # an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve, a hosted API)
     sp.add_argument("--backend", default="local", choices=backends.names(),
                     help="local: the model here; openai: an OpenAI-compatible server (mmla.backends)")

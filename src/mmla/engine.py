@@ -102,7 +102,7 @@ def _shared_prefix(model, inputs: TextInputs, rows: list[Row]) -> _Prefix | None
     pos = torch.arange(n, device=device_of(model))[None]
     if inputs.rope_dims > 1:
         pos = pos.expand(inputs.rope_dims, 1, n)
-    model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    inputs.last_logits(model, input_ids=ids, position_ids=pos, cache=cache, use_cache=True)
     return _Prefix(n, [(layer.keys, layer.values) for layer in cache.layers], seqs[0][:n])
 
 
@@ -126,11 +126,11 @@ def _prefill(model, inputs: TextInputs, rows: list[Row], prefix: _Prefix | None)
         full_mask = torch.cat([mask.new_ones((len(rows), p)), mask], dim=1)
         full_tokens = {k: torch.cat([v.new_zeros((len(rows), p)), v], dim=1) for k, v in own_tokens.items()}
     positions = inputs.positions(full_ids, full_mask, media, full_tokens)[..., p:]
-    out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1, **inputs.forward_kwargs({**media, **own_tokens}))
+    logits = inputs.last_logits(model, input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
+                                use_cache=True, **inputs.forward_kwargs({**media, **own_tokens}))
     # each row's largest position so far ((dims, B, L) for a multi-axis index such as Qwen2-VL's)
     last = positions.amax(dim=(0, 2)) if positions.dim() > 2 else positions[:, -1]
-    return cache, full_mask, last[:, None], out.logits[:, -1]
+    return cache, full_mask, last[:, None], logits
 
 
 # ---------------------------------------------------------------- generation
@@ -488,6 +488,6 @@ def prefill_only(model, inputs, prompts: list, batch_size: int = 16) -> int:
         media = inputs.media_kwargs(group, device_of(model))
         tokens = inputs.token_kwargs(ids, [r.tokens for r in group], ids.shape[1], device_of(model))
         positions = inputs.positions(ids, mask, media, tokens)
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1,
-              **inputs.forward_kwargs({**media, **tokens}))
+        inputs.last_logits(model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                           **inputs.forward_kwargs({**media, **tokens}))
     return sum(len(r.ids) for r in rows)

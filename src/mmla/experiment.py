@@ -9,6 +9,9 @@ Stages (each in its own directory under `out`, each resumable, each skipped once
   it          one adapter on the union of the train splits                 -> <out>/it-train/
               and predict every test split with it                         -> <out>/it/
   results     results.md / results.json: ACC per dataset and the test-size weighted average beside the paper's.
+With `modalities` (e.g. [text, video, audio, av]), the zero-shot stage runs once per modality instead
+(<out>/zero-shot-<modality>/, each a run directory) and the modality ablation is written: <out>/ablation.md,
+ablation.json, ablation.png (mmla.ablation: what each modality adds, per dataset and dimension).
 <out>/zero-shot, <out>/sft and <out>/it are run directories for `mmla report` (config.yaml with `setting` and
 `paper_model`, predictions.jsonl, metrics.json and, for trained settings, train_log.jsonl).
 
@@ -54,6 +57,7 @@ class ExperimentConfig:
     out: str = "runs/experiment"
     datasets: list[str] = field(default_factory=lambda: ["all"])  # test sets evaluated in every stage
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    modalities: list[str] = field(default_factory=list)  # zero-shot once per modality + the ablation table
     predict: dict = field(default_factory=dict)
     zero_shot: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -142,9 +146,35 @@ def _for_modality(cfg: ExperimentConfig) -> ExperimentConfig:
     modality = cfg.predict.get("modality", "auto")
     if set(cfg.datasets) != set(parse_datasets("all")):
         return cfg
-    if model_info(cfg.model, modality, bool(cfg.predict.get("trust_remote_code", False)))[0] != "video":
+    if model_info(cfg.model, modality, bool(cfg.predict.get("trust_remote_code", False)))[0] == "text":
         return cfg
     return dataclasses.replace(cfg, datasets=list(VIDEO_DATASETS))
+
+
+def run_modalities(cfg: ExperimentConfig, progress: bool) -> dict:
+    """The zero-shot stage once per modality, then the ablation table and figure; the text row's datasets are
+    those with clips too, so that every modality sees the same rows."""
+    from .ablation import write_ablation
+    from .inference import MODALITIES
+
+    unknown = [m for m in cfg.modalities if m not in MODALITIES[1:]]
+    if unknown:
+        raise ValueError(f"modalities: unknown {', '.join(unknown)} (known: {', '.join(MODALITIES[1:])})")
+    datasets = cfg.datasets if set(cfg.datasets) != set(parse_datasets("all")) else list(VIDEO_DATASETS)
+    dirs = {}
+    for m in cfg.modalities:
+        sub = dataclasses.replace(cfg, out=str(Path(cfg.out) / f"zero-shot-{m}"), datasets=datasets,
+                                  predict={**cfg.predict, "modality": m})
+        dirs[m] = Path(sub.out)
+        stage = Stage(dirs[m], {"model": cfg.model, "datasets": datasets, "predict": sub.predict,
+                                "zero_shot": cfg.zero_shot})
+        if stage.done() is not None:
+            _say(f"zero-shot {m}: done ({stage.marker})")
+            continue
+        _say(f"zero-shot {m}: {cfg.model} on {len(datasets)} test sets -> {dirs[m]}")
+        _on_main(stage.finish, _predict(sub, dirs[m], "zero-shot", datasets, progress, extra=cfg.zero_shot))
+    text = _on_main(write_ablation, dirs, Path(cfg.out), f"{cfg.name}: what each modality adds ({cfg.model})")
+    return {"ablation": text}
 
 
 def run_zero_shot(cfg: ExperimentConfig, progress: bool) -> dict:
@@ -283,7 +313,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> str:
         if main:
             write_config(out / "experiment.yaml", dataclasses.asdict(cfg))
         runners = {"zero-shot": run_zero_shot, "sft": run_sft, "it": run_it}
-        results = {s: runners[s](cfg, progress) for s in STAGES if s in cfg.stages}
+        ablation = run_modalities(cfg, progress)["ablation"] if cfg.modalities else None
+        results = {s: runners[s](cfg, progress) for s in STAGES if s in cfg.stages
+                   and not (s == "zero-shot" and cfg.modalities)}
+        if ablation is not None and not results:
+            return ablation
         text, table = results_table(cfg, results)
         if main:
             write_text(out / "results.md", f"# {cfg.name}\n\n{text}\n")

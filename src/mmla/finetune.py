@@ -97,6 +97,12 @@ def answer_positions(labels):
     return keep
 
 
+def kept(logits, keep):
+    """The logits of the kept positions: a forward that ignores a mask `logits_to_keep` (Qwen2.5-Omni's thinker)
+    returns every position's."""
+    return logits[keep] if logits.dim() == 3 else logits
+
+
 class VideoItems:
     """Video training items built when the Trainer asks: frames from the frame cache, then the seam's
     train_item (input_ids, labels, per-token extras, media tensors)."""
@@ -110,7 +116,7 @@ class VideoItems:
     def __getitem__(self, i: int) -> dict:
         path, chat, answer = self.rows[i]
         try:
-            frames = video_mod.load_frames(path, self.inputs.setting, self.cache)
+            frames = self.inputs.load(path, self.cache)
         except video_mod.ClipError as e:  # changed on disk since the split was built
             raise ValueError(f"{path}: {e} (mmla check-data --full lists such clips)") from None
         return self.inputs.train_item(chat, answer, self.cutoff, frames)[0]
@@ -161,7 +167,7 @@ class DevEval:
                                     for e in dev.examples], cfg.protocol)
 
     def _frames(self, j: int):
-        return video_mod.load_frames(self.dev.clips[j], self.inputs.setting, self.cache)
+        return self.inputs.load(self.dev.clips[j], self.cache)
 
     def __call__(self, model, split_dev: bool = True) -> dict:
         import torch
@@ -176,7 +182,7 @@ class DevEval:
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64)  # teacher-forced accuracy sum, classified right, examples
-        video = self.inputs.modality == "video"
+        video = self.inputs.modality != "text"
         modality = self.inputs.modality
         with torch.no_grad():
             bs = self.cfg.eval_batch_size
@@ -185,7 +191,7 @@ class DevEval:
                 batch = {k: v.to(model.device) for k, v in self.collate(items).items() if k != "num_tokens"}
                 labels = batch.pop("labels")
                 keep = answer_positions(labels)
-                pred = model(**batch, logits_to_keep=keep, use_cache=False).logits.argmax(-1)
+                pred = kept(model(**batch, logits_to_keep=keep, use_cache=False).logits, keep).argmax(-1)
                 right = (pred == labels[:, 1:][keep[:, :-1]]).float()
                 counts = [sum(t != IGNORE for t in it["labels"]) for it in items]  # answer tokens per example
                 sums[0] += sum(part.mean().item() for part in torch.split(right, counts))
@@ -339,7 +345,7 @@ def trainer_classes():
             keep = answer_positions(labels)
             outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits (answer tokens, vocab) only
             targets = labels[:, 1:][keep[:, :-1]]
-            loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+            loss = F.cross_entropy(kept(outputs.logits, keep).float(), targets, reduction="sum")
             if num_items_in_batch is None:
                 loss = loss / max(targets.numel(), 1)
             else:  # as the Trainer's own loss: over the whole optimiser step, across processes
@@ -429,7 +435,7 @@ def trainer_classes():
 # Settings that change the trained weights: a run directory refuses to resume (or to be reused) under different
 # ones. They are compared as the user gave them (None = the default), so the same command always resumes.
 IDENTITY = ("model", "datasets", "setting", "modality", "family", "protocol", "limit", "frames", "num_frames", "fps",
-             "max_pixels", "learning_rate", "num_epochs", "max_steps", "per_device_batch_size",
+             "max_pixels", "max_audio_seconds", "learning_rate", "num_epochs", "max_steps", "per_device_batch_size",
              "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "cutoff_len",
              "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_target")
 
@@ -463,7 +469,7 @@ def build_split(cfg, inputs, datasets: list[str], split: str, limit: int | None,
     """The rows of `split` as training items through the seam `inputs`. Video: each clip is decoded now (into the
     frame cache, so the Trainer reads it back); a row whose clip is missing or unreadable is left out and counted."""
     eot = inputs.end_of_turn(cfg.protocol)
-    video = inputs.modality == "video"
+    video = inputs.modality != "text"  # rows that come with their clip (video, audio, av)
     finder = video_mod.ClipFinder(cfg.data) if video else None
     out = Split([], [], [] if video else None)
     rows_v = []
@@ -471,21 +477,21 @@ def build_split(cfg, inputs, datasets: list[str], split: str, limit: int | None,
         rows = data_mod.load_split(Path(cfg.data), ds, split).examples
         rows = _subset(rows, limit, cfg.seed) if subset else rows[:limit] if limit else rows
         if video:
-            kept = []
+            found = []
             for e in rows:
                 clip = finder.find(ds, e.id)
                 error = clip.error
                 if clip.path is not None:
                     try:
-                        video_mod.load_frames(clip.path, inputs.setting, cache)
+                        inputs.load(clip.path, cache)
                     except video_mod.ClipError as err:
                         error = str(err)
                 if error:
                     out.missing.append({"dataset": ds, "id": e.id, "error": error})
                     continue
-                kept.append(e)
+                found.append(e)
                 out.clips.append(clip.path)
-            rows = kept
+            rows = found
         chats = inputs.chat([render(ds, cfg.family, e.text, split, inputs.modality) for e in rows], cfg.protocol,
                             training=True)
         answers = [target(ds, cfg.family, e.label, split, inputs.modality) + eot for e in rows]

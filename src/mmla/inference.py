@@ -36,7 +36,8 @@ MODES = ("generate", "score")
 # A prompt longer than the model's context, as lm-evaluation-harness treats it (it keeps a context's end), but cutting
 # only the utterance, so that the instruction and the label list stay whole; every such row is named and marked.
 CONTEXT_POLICY = "cut the utterance from its start until prompt + answer tokens fit; refuse the row if none fits"
-MODALITIES = ("auto", "text", "video")
+MODALITIES = ("auto", "text", "video", "audio", "av")
+CLIP_MODALITIES = ("video", "audio", "av")  # rows that come with their clip
 
 
 @dataclass
@@ -49,13 +50,15 @@ class PredictConfig:
     mode: str = "generate"
     protocol: str = "official"
     family: str | None = None  # default: infer_script under the official protocol, clean otherwise
-    modality: str = "auto"  # auto: video for a vision-language model, else text
+    modality: str = "auto"  # auto: everything the model takes (av for an omni model, video for a VLM), else text
     frames: str | None = None  # video: frame setting (mmla.video.SETTINGS); default the model family's official one
     num_frames: int | None = None  # video: overrides of the frame setting
     fps: float | None = None
     max_pixels: int | None = None
-    no_frame_cache: bool = False  # video: decode every clip again
+    no_frame_cache: bool = False  # video: decode every clip again (frames and audio)
     decode_workers: int | None = None  # video: threads decoding the next batches' clips (default: from the cores)
+    max_audio_seconds: float | None = None  # audio, av: sound kept per clip (default: the model family's, mmla.audio)
+    audio_in_video: bool | None = None  # av: interleave audio with the frames (default: the model family's)
     limit: int | None = None  # first N rows of each dataset
     batch_size: int = 32
     max_new_tokens: int | None = None  # default: the protocol's
@@ -82,7 +85,7 @@ class PredictConfig:
 # Settings that change predictions: a run directory refuses to resume under different ones. They are compared as
 # the user gave them (None = the protocol's default), so the same command always resumes.
 _IDENTITY = ("model", "adapter", "split", "mode", "protocol", "family", "modality", "max_new_tokens", "seed", "dtype",
-             "frames", "num_frames", "fps", "max_pixels", "num_samples", "backend")
+             "frames", "num_frames", "fps", "max_pixels", "num_samples", "backend", "max_audio_seconds", "audio_in_video")
 
 
 def resolve(cfg: PredictConfig) -> PredictConfig:
@@ -98,10 +101,14 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
     model = resolved(cfg)
     cfg.modality = model.modality
     spec = cfg.datasets if len(cfg.datasets) != 1 else cfg.datasets[0]
-    if cfg.modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
+    if cfg.modality in CLIP_MODALITIES and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
         spec = "video"
     cfg.datasets = parse_datasets(spec)
-    if cfg.modality == "video":
+    if cfg.modality in CLIP_MODALITIES:
+        if cfg.backend != "local" and cfg.modality != "video":
+            raise ValueError(f"--modality {cfg.modality} runs a local model only (the server backend sends no audio)")
+        if cfg.max_audio_seconds is not None and float(cfg.max_audio_seconds) <= 0:
+            raise ValueError(f"--max-audio-seconds must be positive, got {cfg.max_audio_seconds}")
         no_video = [ds for ds in cfg.datasets if not get_task(ds).has_video]
         if no_video:
             raise ValueError(f"no videos are released for {', '.join(no_video)}: use --datasets video "
@@ -211,14 +218,14 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
               f"{f' ({len(retry)} missing clips retried)' if retry else ''} ({pred_path})", file=sys.stderr)
     if ranks.world > 1:  # this rank's share, balanced by prompt length (and clips: one per video row)
         weights = [len(render(e.dataset, cfg.family, e.text, cfg.split, cfg.modality)) +
-                   (distributed.CLIP_WEIGHT if cfg.modality == "video" else 0) for e, _ in todo]
+                   (distributed.CLIP_WEIGHT if cfg.modality in CLIP_MODALITIES else 0) for e, _ in todo]
         todo = [todo[i] for i in distributed.shard(weights, ranks.world)[ranks.rank]]
 
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    video = cfg.modality == "video"
+    video = cfg.modality in CLIP_MODALITIES  # rows that come with their clip
     res = resolved(cfg)  # the model family's row, and the protocol that applies (official needs a row)
     if res.note and ranks.main:
         print(f"note: {res.note}", file=sys.stderr)
@@ -241,7 +248,8 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
               (read_run_config(out / "config.yaml") if (out / "config.yaml").exists() else {}).get("frame_setting"))
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     if ranks.main:
-        write_config(out / "config.yaml", {**dataclasses.asdict(cfg), **({"frame_setting": frames} if frames else {})})
+        write_config(out / "config.yaml", {**dataclasses.asdict(cfg), **({"frame_setting": frames} if frames else {}),
+                                           **({"audio_setting": backend.audio} if backend and backend.audio else {})})
     env = {**environment(None), **({"hf_device_map": None} if cfg.device_map else {}),
            "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped, **res.record()}
     if backend is not None:
@@ -287,6 +295,12 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         result["missing_clips_per_dataset"] = {ds: sum(r["dataset"] == ds for r in missing)
                                                for ds in sorted({r["dataset"] for r in missing})}
         env.update(missing_clips=len(missing), frame_cache_hits=cache.hits, frame_cache_misses=cache.misses)
+    if cfg.modality in ("audio", "av"):  # clips without sound ran with silence (mmla.audio)
+        silent = [r for r in records if r.get("audio_track") is False]
+        result["silent_clips"] = len(silent)
+        result["silent_clips_per_dataset"] = {ds: sum(r["dataset"] == ds for r in silent)
+                                              for ds in sorted({r["dataset"] for r in silent})}
+        env.update(silent_clips=len(silent))
     write_json(out / "metrics.json", result)
     # where the time went (seconds): the bench (bench/e2e.py) adds the interpreter's start and imports to these
     stats.update(seconds_load=round(t_load, 2), seconds_evaluate=round(time.perf_counter() - t_eval, 2),
@@ -312,7 +326,10 @@ def _options(cfg: PredictConfig, res, out: Path, ranks: distributed.Ranks) -> ba
     """What a backend is built from: plain values, and the resolver's family row."""
     frames = {"name": cfg.frames or _default_frames(res), "num_frames": cfg.num_frames, "fps": cfg.fps,
               "max_pixels": cfg.max_pixels}
-    return backends.Options(model=cfg.model, modality=cfg.modality, frames=frames if cfg.modality == "video" else None,
+    audio = {"max_seconds": cfg.max_audio_seconds, "interleave": cfg.audio_in_video}
+    return backends.Options(model=cfg.model, modality=cfg.modality,
+                            frames=frames if cfg.modality in ("video", "av") else None,
+                            audio=audio if cfg.modality in ("audio", "av") else None,
                             family=res.family, protocol=res.protocol, adapter=cfg.adapter, dtype=cfg.dtype,
                             device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                             placement=_placement(cfg, out, ranks), base_url=cfg.base_url,
@@ -372,10 +389,10 @@ class _Stager:
     """The clips of the chunks ahead: found, and their frames queued on the decode pool (first in, first decoded).
     Only _run's prepare thread uses it."""
 
-    def __init__(self, cfg, todo, setting, cache):
+    def __init__(self, cfg, todo, load, cache):
         from .decode import DecodePool
 
-        self.todo, self.setting, self.cache = todo, setting, cache
+        self.todo, self.load, self.cache = todo, load, cache
         self.chunks = _chunks(cfg, len(todo), True)
         self.finder = video_mod.ClipFinder(cfg.data)
         self.pool = DecodePool(cfg.decode_workers)
@@ -387,7 +404,7 @@ class _Stager:
     def stage(self, c: int) -> None:
         if c < len(self.chunks) and c not in self.staged:
             clips = [self.finder.find(self.todo[i][0].dataset, self.todo[i][0].id) for i in self.chunks[c]]
-            self.staged[c] = [(clip, self.pool.submit(video_mod.load_frames, clip.path, self.setting, self.cache)
+            self.staged[c] = [(clip, self.pool.submit(self.load, clip.path, self.cache)
                                if clip.path is not None else None) for clip in clips]
 
     def take(self, c: int) -> list:
@@ -412,8 +429,8 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
 
     from .resolve import clean_output
 
-    video = backend.modality == "video"
-    stager = _Stager(cfg, todo, backend.setting, cache) if video else None
+    video = backend.modality in CLIP_MODALITIES
+    stager = _Stager(cfg, todo, backend.load_clip, cache) if video else None
     row = backend.row if cfg.protocol == "official" else None
     whole = row is not None and row.decoded == "whole" and cfg.mode == "generate"
     root = Path(cfg.data)
@@ -460,7 +477,7 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
         heads = dict(zip(ok, backend.heads(rows))) if whole else {}
         timing["seconds_prepare"] += time.perf_counter() - t0
         return dict(chunk=chunk, prompts=prompts, clips=clips, errors=errors, ok=ok, rows=rows, cands=cands,
-                    context=context, heads=heads)
+                    context=context, heads=heads, frames=frames)
 
     def record(p: dict, j: int, output: str, probs: list[float] | None = None) -> None:
         e, k = todo[p["chunk"][j]]
@@ -477,6 +494,8 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
             rec["video"] = clip.record(root) if clip.path is not None else None
             if p["errors"][j]:
                 rec["clip_error"] = p["errors"][j]
+            elif backend.modality != "video":  # what of the clip's sound the row heard (audio_track)
+                rec.update(backend.clip_fields(p["frames"][j]))
         if j in p["context"]:
             rec["context"] = p["context"][j]
             past_context.append(f"{e.dataset} {e.id}")

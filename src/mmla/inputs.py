@@ -1,4 +1,4 @@
-"""The one seam where text and video differ: prompts (and clips) -> model inputs.
+"""The one seam where text, video and audio differ: prompts (and clips) -> model inputs.
 
 Everything that depends on the modality or the architecture lives here; the engine, the predict loop and the
 trainer exist once and call an `Inputs`:
@@ -14,7 +14,9 @@ trainer exist once and call an `Inputs`:
 `TextInputs` wraps a tokenizer. `VideoInputs` wraps a transformers processor (`AutoProcessor`): frames decoded by
 mmla (PyAV + the frame cache, mmla.video) go to the processor as arrays with their fps, so any transformers-native
 video-LLM works through its own processor and chat template, with no code per model. What must stay per model is data
-in `resolve.MODEL_FAMILIES` (a row given by the caller, else the one the model's config names).
+in `resolve.MODEL_FAMILIES` (a row given by the caller, else the one the model's config names) and
+`audio.AUDIO_FAMILIES`. `AudioInputs` does the same for a model whose processor takes audio (modalities "audio" and
+"av"), the waveform decoded and cached by mmla.audio.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import audio as audio_mod
 from . import video as video_mod
 from .resolve import ModelFamily, family_for
 from .prompts import chat_messages, model_kind
@@ -56,6 +59,7 @@ class TextInputs:
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(tokenizer)  # once per run: it reads the vocabulary
         self.row = family if family is not None else family_for(getattr(model, "config", None))
+        self.own_system = audio_mod.audio_family(getattr(model, "config", None)).get("system")  # omni models
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.media_token_ids: set[int] = set()
 
@@ -64,7 +68,12 @@ class TextInputs:
         if protocol == "official" and not training and self.row is not None:  # the row's official system prompt
             return ([{"role": "system", "content": self.row.system}] if self.row.system else []) + \
                 [{"role": "user", "content": prompt}]
-        return chat_messages(prompt, protocol, self.kind, training=training)
+        msgs = chat_messages(prompt, protocol, self.kind, training=training)
+        if self.own_system and not training:
+            # an omni model reads text under its own system prompt too, so that the modality ablation's text
+            # column differs from the others by the input only
+            msgs = [{"role": "system", "content": self.own_system}] + [m for m in msgs if m["role"] != "system"]
+        return msgs
 
     def chat(self, prompts: list[str], protocol: str, training: bool = False,
              histories: list[list[tuple[str, str]]] | None = None) -> list[str]:
@@ -144,6 +153,10 @@ class TextInputs:
     def forward_kwargs(self, kwargs: dict) -> dict:
         return kwargs
 
+    def last_logits(self, model, **kwargs) -> torch.Tensor:
+        """One forward; the next-token logits (B, V) at each row's last position."""
+        return model(**kwargs, logits_to_keep=1).logits[:, -1]
+
     @property
     def lora_target(self) -> str:
         return "all-linear"  # every linear layer but the output layer (LLaMA-Factory `all`)
@@ -184,24 +197,42 @@ class VideoInputs(TextInputs):
     def __init__(self, model, processor, setting: video_mod.FrameSetting, family: ModelFamily | None = None):
         super().__init__(model, processor.tokenizer, family)
         self.processor = processor
-        self.family = self.row.record() if self.row is not None else {}
+        self.family = {**(self.row.record() if self.row is not None else {}), **audio_mod.audio_family(model.config)}
         # Under the clean protocol a model that reads time from its inputs (Qwen2.5-VL's temporal positions) is told
         # the clip's real sampled frame rate; the official script tells it 1 fps whatever the clip (set by the caller).
         self.time_from_clip = False
-        vp = processor.video_processor
+        self._init_video(setting)
+        self._init_model(model)
+
+    def _init_video(self, setting: video_mod.FrameSetting) -> None:
+        vp = self.processor.video_processor
         # Frames are resized by mmla to sides that are multiples of the processor's patch x merge size, so that
         # processors which take them as they are (Qwen2-VL) see exactly the official frames.
         factor = getattr(vp, "patch_size", None) and getattr(vp, "merge_size", None) and vp.patch_size * vp.merge_size
         self.setting = video_mod.frame_setting(setting, factor=factor) if factor else setting
         self.processor_kwargs = {"do_sample_frames": False, **self.family.get("processor_kwargs", {})}
-        # The tokens that stand for vision features (some models put a video's frames under image tokens).
-        names = ("video_token_id", "image_token_id", "video_token_index", "image_token_index")
-        found = [getattr(o, n, None) for o in (processor, model.config) for n in names]
+
+    def _init_model(self, model) -> None:
+        # The tokens that stand for media features (some models put a video's frames under image tokens).
+        names = ("video_token_id", "image_token_id", "video_token_index", "image_token_index", "audio_token_id",
+                 "audio_token_index")
+        found = [getattr(o, n, None) for o in (self.processor, model.config) for n in names]
         self.media_token_ids = {t for t in found if isinstance(t, int)}
         inner = _inner(model)
         self._rope = getattr(inner, "get_rope_index", None)
         self.rope_dims = 3 if self._rope is not None else 1
         self._forward_params = set(inspect.signature(_core(model).forward).parameters)
+
+    def load(self, path, cache: video_mod.FrameCache | None):
+        """What `encode` takes for one clip (ClipError with the reason if it cannot be had)."""
+        return video_mod.load_frames(path, self.setting, cache)
+
+    def clip_fields(self, clip) -> dict:
+        """What a prediction record says about the clip beyond its path."""
+        return {}
+
+    def _parts(self) -> list[dict]:
+        return [{"type": "video"}]
 
     def messages(self, prompt: str, protocol: str, training: bool = False) -> list[dict]:
         # The official video inference sends the user turn only (the checkpoint's template adds its default system
@@ -210,9 +241,10 @@ class VideoInputs(TextInputs):
         if len(parts) > 2:
             raise ValueError(f"a prompt may hold one {VIDEO_TAG} tag, this one has {len(parts) - 1}")
         text = lambda s: [{"type": "text", "text": s}] if s else []  # noqa: E731
-        content = [{"type": "video"}] + text(prompt) if len(parts) == 1 else \
-            text(parts[0]) + [{"type": "video"}] + text(parts[1])
-        system = self.family.get("system") if protocol == "official" and not training else None
+        content = self._parts() + text(prompt) if len(parts) == 1 else \
+            text(parts[0]) + self._parts() + text(parts[1])
+        # the row's official system prompt; an omni model's own (mmla.audio) in every protocol and modality
+        system = (self.family.get("system") if protocol == "official" and not training else None) or self.own_system
         return ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + \
             [{"role": "user", "content": content}]
 
@@ -286,7 +318,7 @@ class VideoInputs(TextInputs):
             keep = cutoff - len(a)
             last_media = max((i for i, t in enumerate(p) if t in self.media_token_ids), default=-1)
             if keep <= last_media:
-                raise ValueError(f"cutoff_len {cutoff} would cut into the video; raise cutoff_len")
+                raise ValueError(f"cutoff_len {cutoff} would cut into the {self.modality} clip; raise cutoff_len")
             p = p[:keep]
         item = {"input_ids": p + a, "labels": [IGNORE] * len(p) + a, "media": row.media,
                 "tokens": {k: v[: len(p)] + [0] * len(a) for k, v in row.tokens.items()}}
@@ -314,9 +346,14 @@ class VideoInputs(TextInputs):
         if self._rope is None:
             return super().positions(ids, mask, media, tokens)
         params = inspect.signature(self._rope).parameters
-        kw = {k: v for k, v in {**media, **tokens, "attention_mask": mask}.items() if k in params}
+        kw = {k: v for k, v in {**media, **tokens, **self._rope_extra(media), "attention_mask": mask}.items()
+              if k in params}
         positions, _ = self._rope(input_ids=ids, **kw)
         return positions
+
+    def _rope_extra(self, media: dict) -> dict:
+        """Rope-index arguments named otherwise than the processor's outputs (Qwen2.5-Omni: second_per_grids)."""
+        return {"second_per_grids": media["video_second_per_grid"]} if "video_second_per_grid" in media else {}
 
     def prefix_limit(self, ids: list[int]) -> int:
         # a shared prefix stops before the first media token: the vision features enter at the prefill
@@ -333,6 +370,105 @@ class VideoInputs(TextInputs):
         return r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
+class AudioInputs(VideoInputs):
+    """An audio-capable model through its processor (Qwen2-Audio, Qwen2.5-Omni, Qwen3-Omni, ...): modality
+    "audio" (the clip's sound + text) or "av" (frames + sound + text). The waveform decoded by mmla (mmla.audio,
+    cached) goes to the processor as an array at its feature extractor's rate; for av, the family's table says
+    whether the processor interleaves it with the frames (Qwen2.5-Omni: `load_audio_from_video`, and the model's
+    rope index then takes `use_audio_in_video`) or it is a separate audio part after the video."""
+
+    def __init__(self, model, processor, modality: str, setting: video_mod.FrameSetting | None = None,
+                 max_seconds: float | None = None, interleave: bool | None = None, family: ModelFamily | None = None):
+        TextInputs.__init__(self, model, processor.tokenizer, family)
+        if not audio_mod.takes_audio(processor):
+            raise ValueError(f"{model.config.model_type}: its processor takes no audio (use --modality text or video)")
+        self.processor, self.modality = processor, modality
+        self.family = {**(self.row.record() if self.row is not None else {}), **audio_mod.audio_family(model.config)}
+        self.time_from_clip = False  # the frames' rate as the official scripts tell it (1 fps)
+        if modality == "av":
+            if getattr(processor, "video_processor", None) is None or not self.family.get("video", True):
+                raise ValueError(f"{model.config.model_type} hears but does not see: use --modality audio")
+            self._init_video(setting or video_mod.SETTINGS["official-infer"])
+        else:
+            self.setting, self.processor_kwargs = None, {}
+        self.audio_setting = audio_mod.audio_setting(processor, self.family, max_seconds, interleave, modality)
+        self._init_model(model)
+        self._audio_caches: dict[int, audio_mod.AudioCache] = {}
+        core = _core(model)
+        self._keeps_logits = "logits_to_keep" in self._forward_params or not (
+            hasattr(core, "model") and hasattr(core, "lm_head"))
+
+    def load(self, path, cache: video_mod.FrameCache | None):
+        if cache is not None and id(cache) not in self._audio_caches:
+            self._audio_caches[id(cache)] = audio_mod.AudioCache.beside(cache)
+        sound = audio_mod.load_audio(path, self.audio_setting, self._audio_caches.get(id(cache)))
+        if self.modality == "audio":
+            return sound
+        return audio_mod.AvClip(video_mod.load_frames(path, self.setting, cache), sound)
+
+    def audio_cache_stats(self) -> dict:
+        return {"audio_cache_hits": sum(c.hits for c in self._audio_caches.values()),
+                "audio_cache_misses": sum(c.misses for c in self._audio_caches.values())}
+
+    def clip_fields(self, clip) -> dict:
+        sound = clip.audio if isinstance(clip, audio_mod.AvClip) else clip
+        return {"audio_track": bool(sound.has_track)}
+
+    def _parts(self) -> list[dict]:
+        # the "audio" key: Qwen2-Audio's template tests `'audio' in content`, not the part's type
+        audio = [{"type": "audio", "audio": "clip"}]
+        if self.modality == "audio":
+            return audio
+        # interleaved: the video part stands for both (the processor puts the audio tokens inside it)
+        return [{"type": "video"}] + ([] if self.audio_setting.interleave else audio)
+
+    def _process(self, text: str, clip) -> dict:
+        s = self.audio_setting
+        sound = clip.audio if isinstance(clip, audio_mod.AvClip) else clip
+        # Every row's features padded to the same length (max_seconds): rows then share a forward, and a row's
+        # features never depend on the others in its batch.
+        pad = int(round(self.family.get("pad_seconds", s.max_seconds) * s.rate))
+        kw = dict(text=[text], audio=[sound.wave], return_tensors="pt", add_special_tokens=False,
+                  audio_kwargs={"sampling_rate": s.rate, "max_length": pad, "truncation": True,
+                                "padding": "max_length"})
+        if self.modality == "av":
+            frames = clip.frames
+            n = len(frames.array)
+            kw.update(videos=[frames.array], fps=self.setting.fps, **self.processor_kwargs,
+                      video_metadata=[{"total_num_frames": n, "fps": self.setting.fps,
+                                       "frames_indices": list(range(n))}])
+            if s.interleave:
+                kw.update(audio_from_video_indices=[0], load_audio_from_video=True)
+        return self.processor(**kw)
+
+    def _rope_extra(self, media: dict) -> dict:
+        extra = {**super()._rope_extra(media), "use_audio_in_video": self.audio_setting.interleave}
+        if "feature_attention_mask" in media:
+            extra["audio_seqlens"] = media["feature_attention_mask"].sum(-1)
+        return extra
+
+    def forward_kwargs(self, kwargs: dict) -> dict:
+        out = super().forward_kwargs(kwargs)
+        if self.audio_setting.interleave and "use_audio_in_video" in self._forward_params:
+            # a training forward computes its own rope index, which must know the audio is inside the video (a
+            # tensor, so that the collated batch moves to the device like the rest)
+            out["use_audio_in_video"] = torch.tensor(True)
+        return out
+
+    def last_logits(self, model, **kwargs) -> torch.Tensor:
+        if self._keeps_logits:
+            return super().last_logits(model, **kwargs)
+        # Qwen2.5-Omni's thinker ignores logits_to_keep and projects every position onto the vocabulary (at a
+        # prefill of ~600 tokens, most of a small model's time): run its body, then the head on the last position.
+        core = _core(model)
+        hidden = core.model(**kwargs).last_hidden_state[:, -1]
+        return core.lm_head(hidden)
+
+    def record(self) -> dict:
+        """The audio setting of a run (env.json, config.yaml)."""
+        return self.audio_setting.record()
+
+
 def _core(model):
     """The transformers model under a peft wrapper (LoRA layers are injected in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -344,9 +480,13 @@ def _inner(model):
 
 
 def make_inputs(model, tokenizer_or_processor, setting: video_mod.FrameSetting | None = None,
-                family: ModelFamily | None = None) -> TextInputs:
-    """The seam for a loaded model: video when it came with a processor that takes videos. `family`: the row the
-    resolver chose (default: the one the model's config names)."""
+                family: ModelFamily | None = None, modality: str | None = None,
+                audio: dict | None = None) -> TextInputs:
+    """The seam for a loaded model: audio (or audio + video) when `modality` says so (`audio`: overrides of the
+    audio setting, max_seconds and interleave), video when it came with a processor that takes videos. `family`:
+    the row the resolver chose (default: the one the model's config names)."""
+    if modality in ("audio", "av"):
+        return AudioInputs(model, tokenizer_or_processor, modality, setting, family=family, **(audio or {}))
     if setting is not None and hasattr(tokenizer_or_processor, "video_processor"):
         return VideoInputs(model, tokenizer_or_processor, setting, family)
     tok = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)

@@ -106,6 +106,12 @@ def takes_images(config) -> bool:
     return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or hasattr(config, "vision_config")
 
 
+def hears(config) -> bool:
+    """A model with an audio encoder (Qwen2-Audio, the Qwen omni thinkers, ...)."""
+    sub = getattr(config, "thinker_config", config)  # a full omni config holds the thinker's
+    return hasattr(sub, "audio_config")
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -199,7 +205,7 @@ def load_model(
     max_memory: dict | None = None,
     offload_folder: str | os.PathLike | None = None,
 ):
-    """(model, tokenizer) -- or (model, processor) for modality 'video' -- ready for inference: eval mode, on
+    """(model, tokenizer) -- or (model, processor) for modality 'video', 'audio' or 'av' -- ready for inference: eval mode, on
     `device`, padding on the left. A LoRA adapter is merged into the weights in memory (`merge`): the same
     numbers as the unmerged adapter, at the base model's speed.
 
@@ -213,12 +219,24 @@ def load_model(
                       else device)
     torch_dtype = pick_dtype(dtype, dev)
     config = read_config(name_or_path, trust_remote_code)
-    video = modality == "video"
-    if video:
+    video = modality in ("video", "audio", "av")
+    if modality in ("audio", "av") and not hears(config):
+        raise ValueError(f"model '{name_or_path}' ({config.model_type}) has no audio encoder: it cannot take "
+                         f"audio (use --modality {'video' if takes_images(config) else 'text'})")
+    if modality != "video" and getattr(config, "thinker_config", None) is not None:
+        # a full omni checkpoint (thinker + talker): the thinker alone is the text-generating model (the talker
+        # only speaks); its class loads the thinker's weights from the full checkpoint
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES as names
+
+        auto_class = getattr(transformers, names[config.thinker_config.model_type])
+    elif video and modality == "video":
         if not takes_images(config):
             raise ValueError(f"model '{name_or_path}' is a {config.model_type} text model: it cannot take video "
                              f"(use --modality text)")
         from transformers import AutoModelForImageTextToText as auto_class
+    elif hears(config):  # audio, av; or an omni or audio LLM on text alone (the modality ablation's text row)
+        from transformers import AutoModelForMultimodalLM as auto_class
     else:
         auto_class = AutoModelForCausalLM
     try:
@@ -248,7 +266,11 @@ def load_model(
     if not video:
         return model, load_tokenizer(path, trust_remote_code)
     processor = load_processor(path, trust_remote_code)
-    if getattr(processor, "video_processor", None) is None:
+    if modality == "audio" and getattr(processor, "feature_extractor", None) is None:
+        raise ValueError(f"model '{name_or_path}' ({config.model_type}): its processor takes no audio")
+    if modality == "av" and getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"model '{name_or_path}' ({config.model_type}) hears but does not see: use --modality audio")
+    if modality == "video" and getattr(processor, "video_processor", None) is None:
         raise ValueError(f"model '{name_or_path}' ({config.model_type}): its processor takes images but not video")
     return model, processor
 

@@ -216,17 +216,24 @@ class Resolved:
 
 
 def modality_from_config(config, model: str, modality: str = "auto") -> str:
-    from .models import takes_images
+    """What the run feeds the model: `modality` checked against what the model takes, or (auto) all of it: av for
+    an omni model (audio and vision), audio for an audio LLM, video for a vision-language model, else text."""
+    from .models import hears, takes_images
 
     if modality == "text":
         return "text"
     if config is None:
-        return "video" if modality == "video" else "text"
-    video = takes_images(config)
-    if modality == "video" and not video:
-        raise ValueError(f"model '{model}' is a {config.model_type} text model: it cannot take video "
-                         f"(use modality=text)")
-    return "video" if video else "text"
+        return modality if modality != "auto" else "text"
+    sees, heard = takes_images(getattr(config, "thinker_config", config)), hears(config)
+    if modality == "auto":
+        return ("av" if sees else "audio") if heard else "video" if sees else "text"
+    if modality in ("audio", "av") and not heard:
+        raise ValueError(f"model '{model}' ({config.model_type}) has no audio encoder (use modality=video or text)")
+    if modality in ("video", "av") and not sees:
+        what = "audio" if heard else "text"
+        raise ValueError(f"model '{model}' is a {config.model_type} {what} model: it cannot take video "
+                         f"(use modality={what})")
+    return modality
 
 
 def read_model_config(model: str, trust_remote_code: bool = False):

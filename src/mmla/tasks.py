@@ -104,7 +104,7 @@ def _family_defaults(task: Task, family: str, modality: str) -> dict:
         # LLaVA-NeXT/infer.py: the same f-string with one space before "Only" (its label table has Ch-sims' 3 labels)
         return dict(task_words=task.task_words, ask="." + ASK_VIDEO, before_respond="", before_only=" ")
     # clean: one wording for every dataset, the correct label list, the words a person would read
-    if modality == "video":
+    if modality in ("video", "audio", "av"):  # a clip with its sound: the video wording names all three
         return dict(task_words=task.task_words)
     return dict(task_words=task.task_words, lead=TEXT_LEAD, ask=ASK_TEXT)
 

@@ -335,3 +335,139 @@ def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, max_p
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- audio-capable models
+# Qwen2.5-Omni-7B's thinker, Qwen3-Omni's thinker (MoE text model, 4 experts) and Qwen2-Audio-7B-Instruct, tiny: the stock config/model/processor classes, SmolLM2's
+# tokenizer with the named audio/vision tokens the processors read as attributes. The audio encoders are
+# initialised with std 0.2 (the stock 0.02 makes a 2-layer encoder's output nearly the same for speech and
+# silence, so a test could not tell whether the audio reached the model).
+
+TINY_AUDIO_ARCHS = ("qwen2.5-omni", "qwen3-omni", "qwen2-audio")
+AUDIO_INIT_RANGE = 0.2
+
+OMNI_TOKENS = {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+               "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+               "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
+
+# Qwen2.5-Omni-7B's chat template: audio, image and video parts in place, a default system turn.
+QWEN2_5_OMNI_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2-Audio-7B-Instruct's chat template ("Audio N: " before each clip); the type test is added so that a part
+# written {"type": "audio"} (no file) renders too.
+QWEN2_AUDIO_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}Audio {{ audio_count.value }}: "
+    "<|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _audio_encoder(**extra) -> dict:
+    return dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                initializer_range=AUDIO_INIT_RANGE, **extra)
+
+
+def _qwen2_5_omni():
+    import transformers as tf
+
+    tok = _tokenizer(named=OMNI_TOKENS)
+    tid = lambda name: tok.convert_tokens_to_ids(OMNI_TOKENS[name])  # noqa: E731
+    text = _text(tok, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    config = tf.Qwen2_5OmniThinkerConfig(
+        audio_config=_audio_encoder(max_source_positions=1500, n_window=100, output_dim=64), vision_config=vision,
+        text_config=text, audio_token_index=tid("audio_token"), image_token_index=tid("image_token"),
+        video_token_index=tid("video_token"), audio_start_token_id=tid("audio_bos_token"),
+        audio_end_token_id=tid("audio_eos_token"), vision_start_token_id=tid("vision_bos_token"),
+        vision_end_token_id=tid("vision_eos_token"), user_token_id=tok.convert_tokens_to_ids("user"))
+    processor = tf.Qwen2_5OmniProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(), video_processor=tf.Qwen2VLVideoProcessor(),
+        feature_extractor=tf.WhisperFeatureExtractor(feature_size=128, chunk_length=300), tokenizer=tok,
+        chat_template=QWEN2_5_OMNI_CHAT_TEMPLATE)
+    return config, processor
+
+
+QWEN3_OMNI_TOKENS = {"image_token": "<|image_pad|>", "audio_token": "<|audio_pad|>", "video_token": "<|video_pad|>",
+                     "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+                     "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>"}
+# Qwen3-Omni's instruct template as far as mmla uses it: Qwen3-VL's, with audio parts.
+QWEN3_OMNI_CHAT_TEMPLATE = QWEN3_VL_CHAT_TEMPLATE.replace(
+    "{%- elif content.type == 'video'",
+    "{%- elif content.type == 'audio' or 'audio' in content %}<|audio_start|><|audio_pad|><|audio_end|>"
+    "{%- elif content.type == 'video'")
+
+
+def _qwen3_omni():
+    import transformers as tf
+
+    tok = _tokenizer(named=QWEN3_OMNI_TOKENS)
+    tid = lambda name: tok.convert_tokens_to_ids(QWEN3_OMNI_TOKENS[name])  # noqa: E731
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = _text(tok, head_dim=16, rope_parameters=rope, moe_intermediate_size=32, num_experts=4,
+                 num_experts_per_tok=2, decoder_sparse_step=1)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config = tf.Qwen3OmniMoeThinkerConfig(
+        audio_config=_audio_encoder(output_dim=64, downsample_hidden_size=16), vision_config=vision, text_config=text,
+        audio_token_id=tid("audio_token"), image_token_id=tid("image_token"), video_token_id=tid("video_token"),
+        audio_start_token_id=tid("audio_bos_token"), vision_start_token_id=tid("vision_bos_token"),
+        user_token_id=tok.convert_tokens_to_ids("user"))
+    processor = tf.Qwen3OmniMoeProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(patch_size=16), video_processor=tf.Qwen3VLVideoProcessor(),
+        feature_extractor=tf.WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
+        chat_template=QWEN3_OMNI_CHAT_TEMPLATE)
+    return config, processor
+
+
+def _qwen2_audio():
+    import transformers as tf
+
+    tok = _tokenizer(named={k: OMNI_TOKENS[k] for k in ("audio_token", "audio_bos_token", "audio_eos_token")})
+    config = tf.Qwen2AudioConfig(audio_config=_audio_encoder(), text_config={"model_type": "qwen2", **_text(tok)},
+                                 audio_token_index=tok.convert_tokens_to_ids(OMNI_TOKENS["audio_token"]))
+    processor = tf.Qwen2AudioProcessor(feature_extractor=tf.WhisperFeatureExtractor(feature_size=128),
+                                       tokenizer=tok, chat_template=QWEN2_AUDIO_CHAT_TEMPLATE)
+    return config, processor
+
+
+def tiny_audio_parts(arch: str):
+    """(config, processor) of a tiny audio-capable model of `arch` (one of TINY_AUDIO_ARCHS), nothing written."""
+    if arch == "qwen2.5-omni":
+        return _qwen2_5_omni()
+    if arch == "qwen3-omni":
+        return _qwen3_omni()
+    if arch == "qwen2-audio":
+        return _qwen2_audio()
+    raise ValueError(f"unknown tiny audio architecture '{arch}' (known: {', '.join(TINY_AUDIO_ARCHS)})")
+
+
+def build_tiny_audio_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random-init audio-capable `arch` model and its processor to `out_dir` (fp32 safetensors)."""
+    import torch
+    from transformers import AutoModelForMultimodalLM
+
+    config, processor = tiny_audio_parts(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForMultimodalLM.from_config(config, dtype=torch.float32).eval()
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -60,7 +60,8 @@ from .tasks import PROMPT_FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 TRAIN_SETTINGS = ("sft", "it")  # what training trains (mmla.paper.PAPER_SETTINGS adds zero-shot)
 PRESET_NAMES = ("paper", "fast")
-MODALITIES = ("auto", "text", "video")
+MODALITIES = ("auto", "text", "video", "audio", "av")
+CLIPS = ("video", "audio", "av")  # modalities whose rows come with their clip
 EVAL_GEN = ("score", "generate", "none")
 SELECT = ("eval_accuracy", "eval_gen_accuracy")
 PRECISIONS = ("auto", "fp32", "bf16", "mixed")
@@ -86,6 +87,7 @@ class TrainConfig:
     fps: float | None = None
     max_pixels: int | None = None
     no_frame_cache: bool = False  # decode every clip again
+    max_audio_seconds: float | None = None  # audio, av: sound kept per clip (default: the model family's)
     paper_table: str | None = None  # video: the per-dataset table `paper` applies (default: the model family's)
     # optimisation (the preset sets these)
     learning_rate: float = 5e-5
@@ -227,7 +229,7 @@ def model_info(model: str, modality: str = "auto", trust_remote_code: bool = Fal
     if modality == "text":  # nothing to read: training a text model needs no row (and works offline)
         return "text", {}
     r = resolve_model(model, modality=modality, protocol="clean", trust_remote_code=trust_remote_code)
-    row = r.family.record() if r.family is not None and r.modality == "video" else {}
+    row = r.family.record() if r.family is not None and r.modality != "text" else {}
     return r.modality, {k: v for k, v in row.items() if v is not None}  # unset: the defaults apply
 
 
@@ -257,7 +259,7 @@ def make_config(values: dict | None = None) -> TrainConfig:
     """defaults < preset (for the setting, the modality and, for video SFT, the dataset) < `values` (YAML keys, CLI
     flags and key=value, already merged, or a run's config.yaml)."""
     # a recorded config.yaml may come back as values: what mmla itself added to it is not a setting
-    values = {k: v for k, v in (values or {}).items() if k not in ("explicit", "frame_setting")}
+    values = {k: v for k, v in (values or {}).items() if k not in ("explicit", "frame_setting", "audio_setting")}
     typed = {k: coerce(TrainConfig, k, v) for k, v in values.items()}
     preset = typed.get("preset", TrainConfig.preset)
     if preset not in PRESET_NAMES:
@@ -270,7 +272,7 @@ def make_config(values: dict | None = None) -> TrainConfig:
     first = _parse(spec, modality)[0]
     cfg = TrainConfig(**{**_preset_values(preset, setting, modality, table, first), **typed})
     cfg.setting, cfg.modality, cfg.paper_table, cfg.explicit = setting, modality, table, sorted(typed)
-    if modality == "video" and cfg.frames is None:
+    if modality in ("video", "av") and cfg.frames is None:
         cfg.frames = family.get("train_frames", "official-train")
     return validate(cfg)
 
@@ -285,15 +287,15 @@ def with_preset(cfg: TrainConfig, dataset: str) -> TrainConfig:
 
 def _parse(spec, modality: str) -> list[str]:
     spec = spec if len(spec) != 1 else spec[0]
-    if modality == "video" and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
+    if modality in CLIPS and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
         spec = "video"
     return parse_datasets(spec)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    if cfg.modality == "auto" or (cfg.modality == "video" and cfg.frames is None):
+    if cfg.modality == "auto" or (cfg.modality in ("video", "av") and cfg.frames is None):
         cfg.modality, family = model_info(cfg.model, cfg.modality, cfg.trust_remote_code)
-        if cfg.modality == "video":
+        if cfg.modality in ("video", "av"):
             cfg.frames = cfg.frames or family.get("train_frames", "official-train")
     cfg.datasets = _parse(cfg.datasets, cfg.modality)
     checks = [("preset", PRESET_NAMES), ("setting", TRAIN_SETTINGS), ("modality", MODALITIES[1:]),
@@ -302,7 +304,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, allowed in checks:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(cfg, key)}'")
-    video = cfg.modality == "video"
+    video = cfg.modality in CLIPS
     if cfg.family is None:
         cfg.family = "llamafactory_video" if video else "llamafactory_text"
     if cfg.eval_family is None:
@@ -333,8 +335,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                              f"({', '.join(VIDEO_DATASETS)}) or modality=text")
         if cfg.batching == "packed":
             raise ValueError("batching=packed is for text models (a video row's positions are not 0..n-1)")
-        frame_setting(cfg)  # validates
-    elif any(getattr(cfg, k) is not None for k in ("frames", "num_frames", "fps", "max_pixels")):
+        if cfg.modality != "audio":
+            frame_setting(cfg)  # validates
+    if cfg.modality not in ("video", "av") and any(getattr(cfg, k) is not None for k in ("frames", "num_frames", "fps", "max_pixels")):
         raise ValueError(f"frames, num_frames, fps and max_pixels are for video models; '{cfg.model}' is trained "
                          f"as text")
     return cfg
@@ -364,8 +367,9 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
     from .inputs import make_inputs
 
     model, tok, device, precision = load_for_training(cfg, model)
-    video = cfg.modality == "video"
-    inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
+    video = cfg.modality in CLIPS
+    inputs = make_inputs(model, tok, frame_setting(cfg) if cfg.modality in ("video", "av") else None,
+                         modality=cfg.modality, audio={"max_seconds": cfg.max_audio_seconds})
     cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
     train_split = build_split(cfg, inputs, datasets, "train", cfg.limit, cache=cache)
     if len(train_split.items) == 0:
@@ -400,7 +404,8 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
         warnings.simplefilter("ignore", FutureWarning)
         model = get_peft_model(model, lora_config(cfg, lora_target))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    frames = {"frame_setting": inputs.setting.record()} if video else {}
+    frames = {"frame_setting": inputs.setting.record()} if getattr(inputs, "setting", None) else {}
+    frames.update({"audio_setting": inputs.record()} if hasattr(inputs, "record") else {})
     if is_main():
         write_config(out / "config.yaml", {**run_record(cfg, datasets), **frames})
         write_json(out / "env.json", run_env(

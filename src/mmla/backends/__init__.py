@@ -27,8 +27,9 @@ class Options:
     """Everything a backend is built from: plain values, no run config."""
 
     model: str
-    modality: str = "text"  # text | video (resolved before the backend is built)
-    frames: dict | None = None  # video: the frame setting: name + overrides (the predict loop resolves the name)
+    modality: str = "text"  # text | video | audio | av (resolved before the backend is built)
+    frames: dict | None = None  # video, av: the frame setting: name + overrides (the predict loop resolves the name)
+    audio: dict | None = None  # audio, av: overrides of the audio setting (max_seconds, interleave; None: the family's)
     family: Any = None  # the model family's row (mmla.resolve.ModelFamily), None when the model has none
     protocol: str = "official"  # the protocol that applies (clean when the model has no official row)
     adapter: str | None = None
@@ -46,8 +47,9 @@ class Backend(Protocol):
     """What the predict loop calls. Rows are whatever `prepare` returned; `on_result(i, value)` gets row i's
     answer (a string, or a Scored) as soon as it is done, in any order."""
 
-    modality: str  # "text" or "video": what `prepare` takes
-    setting: Any  # video: the frame setting its rows use (None for text)
+    modality: str  # "text", "video", "audio" or "av": what `prepare` takes
+    setting: Any  # video, av: the frame setting its rows use (None otherwise)
+    audio: dict | None  # audio, av: the audio setting its rows use, as recorded (None otherwise)
     kind: str  # the protocol's model kind (mmla.prompts.model_kind): qwen | llama3 | other
     row: Any  # the model family's row (mmla.resolve.ModelFamily), None when unknown
     generation_config: Any  # the checkpoint's generation config, or None
@@ -56,6 +58,13 @@ class Backend(Protocol):
     def prepare(self, prompts: list[str], protocol: str, frames: list | None = None,
                 candidates: list[list[str]] | None = None, histories: list | None = None) -> list:
         """`histories`: per prompt, earlier (user, assistant) turns that come before it (or None)."""
+
+    def load_clip(self, path, cache) -> Any:
+        """One clip's media as `prepare` takes it (frames, a waveform, or both), through the frame cache; raises
+        mmla.video.ClipError with the reason."""
+
+    def clip_fields(self, media) -> dict:
+        """What a row records of its loaded clip beyond the clip itself (audio: whether it had a sound track)."""
 
     def heads(self, rows: list) -> list[str]:
         """Per prepared row, its prompt decoded back to text (special tokens kept), as a script that decodes the

@@ -12,7 +12,7 @@ class LocalBackend:
         from ..models import load_model
 
         row = options.family
-        setting = frame_setting_for(options.frames) if options.modality == "video" else None
+        setting = frame_setting_for(options.frames) if options.frames is not None else None
         model, tok = load_model(options.model, adapter=options.adapter, dtype=options.dtype, device=options.device,
                                 trust_remote_code=options.trust_remote_code, modality=options.modality,
                                 **(options.placement or {}))
@@ -20,7 +20,7 @@ class LocalBackend:
             from ..llava_video import use_llava_video_pooling
 
             use_llava_video_pooling(model, tok)
-        inputs = make_inputs(model, tok, setting, row)
+        inputs = make_inputs(model, tok, setting, row, options.modality, options.audio)
         inputs.time_from_clip = options.protocol == "clean"  # clean: the clip's real frame rate, where time is read
         self._hold(model, inputs, placed=options.placement is not None)
 
@@ -37,12 +37,19 @@ class LocalBackend:
         self.setting = getattr(inputs, "setting", None)
         self.generation_config = model.generation_config
         self.context_length = inputs.context_length
+        self.audio = inputs.record() if hasattr(inputs, "record") else None  # audio, av: the audio setting
 
     def prepare(self, prompts, protocol, frames=None, candidates=None, histories=None):
         texts = self.inputs.chat(prompts, protocol, **({"histories": histories} if histories else {}))
         if candidates is not None:
             return self.inputs.score_rows(texts, candidates, frames)
         return self.inputs.encode(texts, frames)
+
+    def load_clip(self, path, cache):
+        return self.inputs.load(path, cache)
+
+    def clip_fields(self, media) -> dict:
+        return self.inputs.clip_fields(media) if hasattr(self.inputs, "clip_fields") else {}
 
     def heads(self, rows) -> list[str]:
         return [self.inputs.tokenizer.decode(r.ids) for r in rows]
@@ -70,6 +77,8 @@ class LocalBackend:
         from ..models import device_of
 
         out = {"device": str(device_of(self.model)), "context_length": self.inputs.context_length}
+        if self.audio is not None:  # rate, channels, max seconds, interleaved with the frames or not; cache use
+            out.update(audio_setting=self.audio, **self.inputs.audio_cache_stats())
         if self.placed:  # where accelerate put each module (GPU index, cpu or disk)
             placed = getattr(self.model, "hf_device_map", None)
             out["hf_device_map"] = {k: str(v) for k, v in placed.items()} if placed else None

@@ -85,6 +85,7 @@ class OpenAIBackend:
         self.row = options.family  # from --paper-model: a served model's config is not read here
         self.context_length = None  # the server knows it (and refuses a request past it, in one line)
         self.setting = frame_setting_for(options.frames) if self.modality == "video" else None
+        self.audio = None  # servers are sent text and frames only
         self.video_input = video_input if self.modality == "video" else None
 
     # ---------------------------------------------------------------- the predict loop's calls
@@ -119,6 +120,14 @@ class OpenAIBackend:
 
     def excess(self, rows, new_tokens: int) -> list[int]:
         return [0] * len(rows)  # the server knows its context (and refuses a request past it, in one line)
+
+    def load_clip(self, path, cache):
+        from ..video import load_frames
+
+        return load_frames(path, self.setting, cache)
+
+    def clip_fields(self, media) -> dict:
+        return {}
 
     def heads(self, rows) -> list[str]:
         return [""] * len(rows)  # the server decodes only what it generated
