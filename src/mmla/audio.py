@@ -24,7 +24,6 @@ Families. `AUDIO_FAMILIES` is data keyed by the config's model_type (move it int
   interleave       the processor's time-aligned audio-in-video option is used for av (Qwen2.5-Omni:
                    `load_audio_from_video` + `use_audio_in_video`): audio and frame tokens alternate in 2 s chunks
   system           a system prompt for every chat (None: the template's default)
-  max_new_tokens   the default generation budget under the official protocol
   processor_kwargs how its processor must be called on frames that mmla already sampled and resized
 """
 
@@ -52,13 +51,13 @@ OMNI_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibab
 _QWEN_FRAMES = {"do_resize": False, "cap_pixels_per_frame": False}
 AUDIO_FAMILIES: dict[str, dict] = {
     "qwen2_5_omni_thinker": dict(max_seconds=30.0, video=True, interleave=True, system=OMNI_SYSTEM,
-                                 max_new_tokens=128, processor_kwargs=_QWEN_FRAMES),
-    "qwen2_5_omni": dict(max_seconds=30.0, video=True, interleave=True, system=OMNI_SYSTEM, max_new_tokens=128,
+                                 processor_kwargs=_QWEN_FRAMES),
+    "qwen2_5_omni": dict(max_seconds=30.0, video=True, interleave=True, system=OMNI_SYSTEM,
                          processor_kwargs=_QWEN_FRAMES),
-    "qwen3_omni_moe_thinker": dict(max_seconds=30.0, video=True, interleave=True, max_new_tokens=128,
+    "qwen3_omni_moe_thinker": dict(max_seconds=30.0, video=True, interleave=True,
                                    processor_kwargs=_QWEN_FRAMES),
     # its Whisper encoder takes exactly 30 s of features (max_source_positions 1500 x 2 strides)
-    "qwen2_audio": dict(max_seconds=30.0, pad_seconds=30.0, video=False, interleave=False, max_new_tokens=128),
+    "qwen2_audio": dict(max_seconds=30.0, pad_seconds=30.0, video=False, interleave=False),
 }
 
 

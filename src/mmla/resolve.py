@@ -232,7 +232,7 @@ def modality_from_config(config, model: str, modality: str = "auto") -> str:
     if modality in ("video", "av") and not sees:
         what = "audio" if heard else "text"
         raise ValueError(f"model '{model}' is a {config.model_type} {what} model: it cannot take video "
-                         f"(use modality={what})")
+                         f"(use {'--modality audio' if heard else 'modality=text'})")
     return modality
 
 
