@@ -58,7 +58,7 @@ def loop(model, processor, root: Path, examples, seam, decoding) -> list[str]:
 
 
 def run_ours(model, processor, root, examples, decoding, cache, batch_size):
-    return ours(model, processor, root, examples, V.SETTINGS["official-infer"], decoding, cache, batch_size,
+    return ours(model, processor, root, examples, V.FRAME_SETTINGS["official-infer"], decoding, cache, batch_size,
                 modality="av")
 
 
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
         path = args.model or tiny.build_tiny_audio_model("qwen2.5-omni", tmp / "tiny")
         model, processor = load_model(str(path), dtype=args.dtype, device=args.device, modality="av")
         name = args.model or "tiny random Qwen2.5-Omni thinker (text hidden 64, 2 layers; audio and vision 2 layers)"
-        seam = make_inputs(model, processor, V.SETTINGS["official-infer"], modality="av")
+        seam = make_inputs(model, processor, V.FRAME_SETTINGS["official-infer"], modality="av")
         decoding = Decoding(max_new_tokens=args.max_new_tokens)
         root = make_root(tmp, args.n, Path(args.data), Path(args.videos))
         from mmla.data import load_split

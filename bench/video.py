@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
             path = args.model or tiny.build_tiny_video_model("qwen2-vl", tmp / "tiny")
             model, processor = load_model(str(path), dtype=args.dtype, device=args.device, modality="video")
             name = args.model or "tiny random Qwen2-VL (text hidden 64, 2 layers; vision depth 2, width 32)"
-        setting = make_inputs(model, processor, V.SETTINGS["official-infer"]).setting
+        setting = make_inputs(model, processor, V.FRAME_SETTINGS["official-infer"]).setting
         decoding = Decoding(max_new_tokens=args.max_new_tokens)  # greedy (the official config is top_k=1)
 
         # Outputs are compared as generated token ids: both paths decode through tok.decode, which here

@@ -1,4 +1,4 @@
-"""Run directories for report tests, in the format `mmla predict` writes.
+"""RunDir directories for report tests, in the format `mmla predict` writes.
 
 Utterances and gold labels are the first rows of the real test sets when ../shared/data is beside the
 repository (nothing from it is stored in the repo); otherwise synthetic sentences with valid labels. Model

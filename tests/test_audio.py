@@ -106,7 +106,7 @@ def test_batched_equals_generate_one_at_a_time(arch, modality, request, videos_d
     from mmla.models import load_model
 
     model, proc = load_model(request.getfixturevalue(arch), modality=modality, dtype="float32", device="cpu")
-    inputs = make_inputs(model, proc, V.SETTINGS["official-infer"], modality=modality)
+    inputs = make_inputs(model, proc, V.FRAME_SETTINGS["official-infer"], modality=modality)
     assert isinstance(inputs, AudioInputs)
     assert inputs.audio_setting.interleave == (modality == "av")  # the family's default: the omni models interleave
     cache = V.FrameCache(tmp_path / "fc")
@@ -280,7 +280,7 @@ def test_omni_model_gets_one_system_prompt_and_budget_in_every_modality(omni):
     system, budgets = set(), set()
     for modality in ("text", "video", "audio", "av"):
         model, tok = load_model(omni, modality=modality, dtype="float32", device="cpu")
-        inputs = make_inputs(model, tok, V.SETTINGS["official-infer"], modality=modality)
+        inputs = make_inputs(model, tok, V.FRAME_SETTINGS["official-infer"], modality=modality)
         msgs = inputs.messages("hello", "official")
         content = msgs[0]["content"]
         system.add(content if isinstance(content, str) else content[0]["text"])

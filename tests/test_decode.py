@@ -31,7 +31,7 @@ def _env(**extra) -> dict:
 def test_torchcodec_and_pyav_give_the_same_frames(videos_dir, monkeypatch):
     problem = decode._torchcodec_problem()
     if problem is None:  # both decoders here: the same indices and pixels for the official samplers
-        for setting in (V.SETTINGS["official-infer"], V.SETTINGS["official-train"]):
+        for setting in (V.FRAME_SETTINGS["official-infer"], V.FRAME_SETTINGS["official-train"]):
             for name in REAL:
                 a = V.decode_frames(videos_dir / name, setting, decoder="torchcodec")
                 b = V.decode_frames(videos_dir / name, setting, decoder="pyav")
@@ -40,7 +40,7 @@ def test_torchcodec_and_pyav_give_the_same_frames(videos_dir, monkeypatch):
         return
     # PyAV alone: the process says so in one line and decodes with PyAV
     code = ("from mmla import decode, video as V; import sys; "
-            f"fr = V.decode_frames(sys.argv[1], V.SETTINGS['official-infer']); "
+            f"fr = V.decode_frames(sys.argv[1], V.FRAME_SETTINGS['official-infer']); "
             "print(decode.decoder_name(), fr.indices)")
     done = subprocess.run([sys.executable, "-c", code, str(videos_dir / REAL[1])], env=_env(), capture_output=True,
                           text=True, timeout=120)
@@ -62,7 +62,7 @@ def test_pool_sizes_and_errors():
     with decode.DecodePool(1) as serial, decode.DecodePool(3) as pool:
         assert not serial.parallel and pool.parallel
         assert [f.result() for f in [pool.submit(pow, 2, k) for k in range(6)]] == [1, 2, 4, 8, 16, 32]
-        failed = serial.submit(V.load_frames, "/nonexistent.mp4", V.SETTINGS["official-infer"])
+        failed = serial.submit(V.load_frames, "/nonexistent.mp4", V.FRAME_SETTINGS["official-infer"])
         with pytest.raises(V.ClipError, match="^missing"):
             failed.result()
 
@@ -136,7 +136,7 @@ go, cache, clips = Path(sys.argv[1]), V.FrameCache(sys.argv[2]), sys.argv[3:]
 while not go.exists():
     time.sleep(0.005)
 with decode.DecodePool(2) as pool:
-    jobs = [pool.submit(V.load_frames, c, s, cache) for s in (V.SETTINGS["official-infer"],
+    jobs = [pool.submit(V.load_frames, c, s, cache) for s in (V.FRAME_SETTINGS["official-infer"],
             V.frame_setting("official-infer", num_frames=2)) for c in clips]
     print(sum(1 for j in jobs if j.result().array.ndim == 4))
 """
@@ -156,7 +156,7 @@ def test_two_processes_fill_one_frame_cache(videos_dir, tmp_path):
     entries = list(cache.rglob("*.npz"))
     assert len(entries) == 8
     fresh = V.FrameCache(cache)
-    for s in (V.SETTINGS["official-infer"], V.frame_setting("official-infer", num_frames=2)):
+    for s in (V.FRAME_SETTINGS["official-infer"], V.frame_setting("official-infer", num_frames=2)):
         for c in clips:
             hit = fresh.get(Path(c), s)
             ref = V.decode_frames(c, s)

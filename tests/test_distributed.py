@@ -77,7 +77,7 @@ def test_merge_folds_parts_once_keeps_good_answers_and_checks(tmp_path):
     distributed.part_path(tmp_path, 3).write_text(json.dumps(rec(1, "", clip_error="missing")) + "\n" +
                                                   json.dumps(rec(3, "d"))[:20])
     expected = [("MELD", "test", str(i), 0) for i in (2, 1, 0)]
-    stats = distributed.merge(tmp_path, expected)
+    stats = distributed.merge_parts(tmp_path, expected)
     assert stats == {"parts": 2, "records_read": 5} and not distributed.part_files(tmp_path)
     assert [(r["id"], r["output"]) for r in _rows(tmp_path)] == [("2", "c"), ("1", "b"), ("0", "a")]
     with pytest.raises(RuntimeError, match="1 rows are missing"):

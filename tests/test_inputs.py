@@ -29,7 +29,7 @@ def tiny_vl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(tiny_vl):
     model, proc = load_model(str(tiny_vl), device="cpu", modality="video")
-    return model, proc, make_inputs(model, proc, V.SETTINGS["official-infer"])
+    return model, proc, make_inputs(model, proc, V.FRAME_SETTINGS["official-infer"])
 
 
 @pytest.fixture(scope="module")

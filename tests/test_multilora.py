@@ -326,7 +326,7 @@ def test_video_adapters_equal_separate_runs(videos_dir, tmp_path):
     cfg = make_config({**values, "datasets": "MELD"})
     set_seed(42)  # the LoRA weights a separate run starts from
     model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                             target_modules=make_inputs(model, proc, training.frame_setting(cfg))
+                                             target_modules=make_inputs(model, proc, training.frames_of(cfg))
                                              .lora_target, task_type="CAUSAL_LM"))
     initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     for ds in ("MELD", "MUStARD"):

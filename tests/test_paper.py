@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmla import paper
+from mmla import paper, tasks
 
 # The shared folder lives beside the repository: <workspace>/main (this repo) and <workspace>/shared.
 SHARED_PAPER = Path(__file__).resolve().parents[1] / ".." / "shared" / "paper"
@@ -58,7 +58,7 @@ def test_weighted_average_reproduces_the_leaderboard():
     checked = 0
     for row in paper.leaderboard():
         accs = paper.paper_accuracies(row["model"], row["setting"])
-        if len(accs) < len(paper.DATASETS) or row["reported_avg_acc"] is None:
+        if len(accs) < len(tasks.DATASETS) or row["reported_avg_acc"] is None:
             continue
         ours = paper.weighted_average(accs, paper.test_sizes())
         assert ours == pytest.approx(row["reported_avg_acc"], abs=0.05), (row["model"], row["setting"])
@@ -81,10 +81,10 @@ def test_weighted_average_small_example():
 
 def test_dataset_facts():
     sizes = paper.test_sizes()
-    assert list(sizes) and set(sizes) == set(paper.DATASETS)
+    assert list(sizes) and set(sizes) == set(tasks.DATASETS)
     assert sum(sizes.values()) == 15741
     assert sizes["MELD"] == 2610
-    assert {paper.dimension(d) for d in paper.DATASETS} == set(paper.DIMENSIONS)
+    assert {paper.dimension(d) for d in tasks.DATASETS} == set(paper.DIMENSION_TITLES)
     assert paper.dimension("IEMOCAP-DA") == "Dialogue Act"
     assert paper.dimension("AnnoMi-client") == "Communication Behavior"
     assert paper.reported_average("Qwen2-1.5B", "zero-shot") == 40.61

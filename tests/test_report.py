@@ -8,7 +8,7 @@ import re
 import pytest
 from report_fixtures import make_run
 
-from mmla import paper
+from mmla import paper, tasks
 from mmla.cli import main
 from mmla.report import build_report, confusion_counts, load_run, paper_reference, slug
 
@@ -109,13 +109,13 @@ def test_html_is_self_contained(two_runs):
 
 def test_missing_sub_dataset_gets_a_matched_average_and_conflicts_are_flagged(tmp_path):
     # Qwen2-1.5B SFT: the paper has 9 of the 12 datasets. Llama-3-8B zero-shot MUStARD: table and figure differ.
-    sft = make_run(tmp_path, "sft", setting="sft", datasets=paper.DATASETS, rows=5, train_log=True)
+    sft = make_run(tmp_path, "sft", setting="sft", datasets=tasks.DATASETS, rows=5, train_log=True)
     llama = make_run(tmp_path, "llama", model="meta-llama/Meta-Llama-3-8B-Instruct", paper_model="Llama-3-8B",
                      datasets=("MUStARD",), rows=5)
     out = build_report([sft, llama], tmp_path / "out")
     rows = read_csv(out.parent / "runs" / "sft" / "table.csv")
     matched = next(r for r in rows if r["dataset"].startswith("average over the 9 with paper ACC"))
-    known = [r for r in rows if r["dataset"] in paper.DATASETS and r["paper_ACC"]]
+    known = [r for r in rows if r["dataset"] in tasks.DATASETS and r["paper_ACC"]]
     assert len(known) == 9
     assert as_float(matched["paper_ACC"]) == pytest.approx(
         sum(as_float(r["paper_ACC"]) for r in known) / 9, abs=0.01)  # equal n per dataset here

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from report_fixtures import make_run
 
-from mmla.paper import DATASETS
+from mmla.tasks import DATASETS
 from mmla.report import build_report
 
 CHROMIUM_FLAGS = (

@@ -176,13 +176,13 @@ def test_text_chat_byte_for_byte(tiny_dir):
 
 def test_video_chat_byte_for_byte(tiny_dir):
     model, proc = _load(tiny_dir("qwen2-vl"))
-    inputs = make_inputs(model, proc, video.SETTINGS["qwen2-vl-infer"])
+    inputs = make_inputs(model, proc, video.FRAME_SETTINGS["qwen2-vl-infer"])
     assert inputs.chat([P_A], "official") == [
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         f"<|vision_start|><|video_pad|><|vision_end|>{P_A}<|im_end|>\n<|im_start|>assistant\n"]
     model, proc = _load(tiny_dir("llava-onevision"))
     for name in ("llava-onevision", "llava-video"):
-        inputs = make_inputs(model, proc, video.SETTINGS["llava-infer"], MODEL_FAMILIES[name])
+        inputs = make_inputs(model, proc, video.FRAME_SETTINGS["llava-infer"], MODEL_FAMILIES[name])
         official = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>"
                     f"{P_B}<|im_end|>\n<|im_start|>assistant\n")  # LLaVA-NeXT conv_qwen, <image> straight before
         # transformers' class takes the clip under the processor's video token where LLaVA-NeXT has <image>
@@ -227,7 +227,7 @@ def _raw_frame(path, index):
 def test_frame_indices_and_sizes_on_real_clips(name, videos_dir):
     from PIL import Image
 
-    setting = video.SETTINGS[name]
+    setting = video.FRAME_SETTINGS[name]
     for clip in sorted(videos_dir.glob("*.mp4")):
         total, fps = _meta(clip)
         fr = video.decode_frames(clip, setting)
@@ -249,7 +249,7 @@ def test_frame_indices_and_sizes_on_real_clips(name, videos_dir):
         else:  # Qwen2-VL: a JPEG round trip, then <= 151,200 px in multiples of 28
             _, fh, fw, _ = fr.array.shape
             assert fh % 28 == 0 and fw % 28 == 0 and fh * fw <= 151200
-            plain = video.decode_frames(clip, video.SETTINGS["official-infer"])
+            plain = video.decode_frames(clip, video.FRAME_SETTINGS["official-infer"])
             assert plain.array.shape == fr.array.shape and not np.array_equal(plain.array, fr.array)
 
 
@@ -269,7 +269,7 @@ def test_llava_pixels_and_tokens_per_frame(tiny_dir, videos_dir):
     from mmla.llava_video import use_llava_video_pooling
 
     clip = sorted(videos_dir.glob("*.mp4"))[0]
-    setting = video.SETTINGS["llava-infer"]
+    setting = video.FRAME_SETTINGS["llava-infer"]
     for name, per_frame, extra in (("llava-onevision", 196, 1), ("llava-video", 182, 0)):
         model, proc = _load(tiny_dir("llava-onevision", real_size=True))
         if name == "llava-video":
@@ -290,7 +290,7 @@ def test_llava_pixels_and_tokens_per_frame(tiny_dir, videos_dir):
 
 def test_qwen2_vl_pixels_and_tokens_per_frame(tiny_dir, videos_dir):
     model, proc = _load(tiny_dir("qwen2-vl"))
-    inputs = make_inputs(model, proc, video.SETTINGS["qwen2-vl-infer"])
+    inputs = make_inputs(model, proc, video.FRAME_SETTINGS["qwen2-vl-infer"])
     for clip in sorted(videos_dir.glob("*.mp4")):
         fr, row = _row(inputs, clip, inputs.setting, P_A)
         _, h, w, _ = fr.array.shape
@@ -301,7 +301,7 @@ def test_qwen2_vl_pixels_and_tokens_per_frame(tiny_dir, videos_dir):
 
 def test_clean_protocol_gives_qwen25_vl_the_clips_real_frame_rate(tiny_dir, videos_dir):
     model, proc = _load(tiny_dir("qwen2.5-vl"))
-    inputs = make_inputs(model, proc, video.SETTINGS["official-infer"])
+    inputs = make_inputs(model, proc, video.FRAME_SETTINGS["official-infer"])
     clip = sorted(videos_dir.glob("*.mp4"))[0]
     fr = video.decode_frames(clip, inputs.setting)
     official = inputs.encode(["<|video_pad|>x"], [fr])[0].media["second_per_grid_ts"].item()

@@ -42,7 +42,7 @@ def clips_for(processor, real_clips: list[Path]) -> tuple[list[video.Frames], di
     processors (SigLIP, InternViT) resize the frames themselves."""
     vp = processor.video_processor
     factor = vp.patch_size * vp.merge_size if getattr(vp, "merge_size", None) else None
-    settings = [video.SETTINGS["official-infer"], video.frame_setting("official-infer", max_pixels=200 * 200)]
+    settings = [video.FRAME_SETTINGS["official-infer"], video.frame_setting("official-infer", max_pixels=200 * 200)]
     if factor:
         settings = [video.frame_setting(s, factor=factor) for s in settings]
     frames = [video.load_frames(c, s) for c, s in zip(real_clips, settings)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mmla import finetune, training
+from mmla import finetune, runs, training
 from mmla.config import parse_overrides, read_yaml
 from mmla.runs import read_run_config
 from mmla.finetune import IGNORE, Collator, answer_positions
@@ -252,12 +252,12 @@ def test_sigkill_then_resume_from_last_checkpoint(tiny_llama, data_root, tmp_pat
     proc = subprocess.Popen(_train_cmd(tiny_llama, data_root, out), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while finetune.last_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
+    while runs.last_checkpoint(out / "checkpoints") is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    ckpt = finetune.last_checkpoint(out / "checkpoints")
+    ckpt = runs.last_checkpoint(out / "checkpoints")
     step = int(ckpt.name.split("-")[1])
     assert step < 12 and not (out / "train_result.json").exists()
 
@@ -385,7 +385,7 @@ def test_video_items_and_every_batching_give_the_official_loss(tiny_vl, video_ro
 
     model, proc = load_model(str(tiny_vl), dtype="float32", device="cpu", modality="video")
     cfg = make_config({"model": str(tiny_vl), "data": str(video_root), "datasets": "MELD"})
-    inputs = make_inputs(model, proc, training.frame_setting(cfg))
+    inputs = make_inputs(model, proc, training.frames_of(cfg))
     split = training.build_split(cfg, inputs, ["MELD"], "train", None, cache=FrameCache(tmp_path / "frames"))
     assert len(split.items) == 4 and [(m["dataset"], m["id"]) for m in split.missing] == [("MELD", "9_4")]
     assert split.missing[0]["error"].startswith("missing")

@@ -60,7 +60,7 @@ def test_named_settings_and_overrides():
 
 
 def test_sample_indices():
-    inf, tr = V.SETTINGS["official-infer"], V.SETTINGS["official-train"]
+    inf, tr = V.FRAME_SETTINGS["official-infer"], V.FRAME_SETTINGS["official-train"]
     assert V.sample_indices(inf, 146, 6.09).tolist() == np.linspace(0, 145, 4).astype(int).tolist() == [0, 48, 96, 145]
     assert V.sample_indices(inf, 2, 0.1).tolist() == [0, 0, 0, 1]  # short clips repeat frames
     assert len(V.sample_indices(tr, 96, 3.2)) == 6  # floor(3.2 s x 2 fps)
@@ -88,7 +88,7 @@ def test_decode_real_clips_as_the_official_script(videos_dir):
     from PIL import Image
     from transformers.video_utils import load_video
 
-    s = V.SETTINGS["official-infer"]
+    s = V.FRAME_SETTINGS["official-infer"]
     for name in REAL:
         fr = V.decode_frames(videos_dir / name, s)
         ref, meta = load_video(str(videos_dir / name), backend="pyav", num_frames=None,
@@ -100,14 +100,14 @@ def test_decode_real_clips_as_the_official_script(videos_dir):
         assert np.array_equal(fr.array, ref)
         assert fr.indices == np.linspace(0, meta.total_num_frames - 1, 4).astype(int).tolist()
         assert fr.array.shape[1] * fr.array.shape[2] <= 360 * 420 and fr.array.shape[1] % 28 == 0
-    tr = V.decode_frames(videos_dir / REAL[1], V.SETTINGS["official-train"])
+    tr = V.decode_frames(videos_dir / REAL[1], V.FRAME_SETTINGS["official-train"])
     assert len(tr.indices) == 12 and max(tr.array.shape[1:3]) <= 140  # 6.09 s x 2 fps; 128 px then multiples of 28
 
 
 def test_frame_cache(tmp_path, videos_dir):
     clip = shutil.copy(videos_dir / REAL[1], tmp_path / "c.mp4")
     cache = V.FrameCache(tmp_path / "cache")
-    s = V.SETTINGS["official-infer"]
+    s = V.FRAME_SETTINGS["official-infer"]
     a = V.load_frames(clip, s, cache)
     b = V.load_frames(clip, s, cache)
     assert not a.cached and b.cached and (cache.hits, cache.misses) == (1, 1)
@@ -128,13 +128,13 @@ def test_frame_cache(tmp_path, videos_dir):
 
 def test_synthetic_missing_and_corrupt_clips(tmp_path):
     syn = write_clip(tmp_path / "s.mp4", n=8)
-    fr = V.decode_frames(syn, V.SETTINGS["official-infer"])
+    fr = V.decode_frames(syn, V.FRAME_SETTINGS["official-infer"])
     assert fr.array.shape == (4, 56, 56, 3) and fr.indices == [0, 2, 4, 7] and fr.total_frames == 8
     assert len({fr.array[i].tobytes() for i in range(4)}) == 4
     with pytest.raises(V.ClipError, match="^unreadable"):
-        V.load_frames(write_corrupt(tmp_path / "bad.mp4"), V.SETTINGS["official-infer"])
+        V.load_frames(write_corrupt(tmp_path / "bad.mp4"), V.FRAME_SETTINGS["official-infer"])
     with pytest.raises(V.ClipError, match="^missing"):
-        V.load_frames(tmp_path / "none.mp4", V.SETTINGS["official-infer"])
+        V.load_frames(tmp_path / "none.mp4", V.FRAME_SETTINGS["official-infer"])
     assert V.probe_clip(syn) is None and V.probe_clip(tmp_path / "bad.mp4").startswith("unreadable")
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -217,6 +217,6 @@ def test_official_samplers_of_the_other_paper_models():
     assert V.fps_gap_indices(90, 29.97).tolist() == [0, 30, 60]  # every round(fps)-th frame
     many = V.fps_gap_indices(30 * 100, 30.0)  # 100 s at 30 fps: 100 candidates, 64 kept
     assert len(many) == 64 and many[0] == 30 * int(100 / 64 / 2) and many[-1] == 30 * int(63 * 100 / 64 + 100 / 128)
-    s = V.SETTINGS["videollama2-infer"]
+    s = V.FRAME_SETTINGS["videollama2-infer"]
     assert V.sample_indices(s, 100, 4.0).tolist() == V.segment_indices(100, 8).tolist()
-    assert V.sample_indices(V.SETTINGS["minicpm-infer"], 90, 3.0, 29.97).tolist() == [0, 30, 60]
+    assert V.sample_indices(V.FRAME_SETTINGS["minicpm-infer"], 90, 3.0, 29.97).tolist() == [0, 30, 60]

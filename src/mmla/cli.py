@@ -268,9 +268,9 @@ def add_run_cli(subparsers) -> None:
 
 
 def cmd_export(a) -> int:
-    from .export import MODALITIES, export_llamafactory
+    from .export import EXPORT_MODALITIES, export_llamafactory
 
-    modalities = MODALITIES if a.modality == "both" else (a.modality,)
+    modalities = EXPORT_MODALITIES if a.modality == "both" else (a.modality,)
     res = export_llamafactory(a.data, a.out, a.datasets, modalities)
     if res["missing"]:
         print(f"not exported (no such split in the data): {', '.join(res['missing'])}", file=sys.stderr)
@@ -336,9 +336,9 @@ def audio_args(sp) -> None:
 
 def frame_args(sp) -> None:
     """The frame options of predict, train and check-data (mmla.video's settings)."""
-    from .video import SETTINGS
+    from .video import FRAME_SETTINGS
 
-    sp.add_argument("--frames", choices=tuple(SETTINGS),
+    sp.add_argument("--frames", choices=tuple(FRAME_SETTINGS),
                     help="frame setting (default: the model family's official one, else official-infer: "
                          "4 frames, 151,200 px, fps 1)")
     sp.add_argument("--num-frames", type=int, help="override: a fixed number of frames")

@@ -146,7 +146,7 @@ def _key(r: dict) -> tuple:
     return r["dataset"], r["split"], r["id"], r.get("sample", 0)
 
 
-def merge(out: Path, expected: list[tuple] | None = None) -> dict:
+def merge_parts(out: Path, expected: list[tuple] | None = None) -> dict:
     """Fold every part file into predictions.jsonl (one atomic rewrite), then remove the parts. One record per
     (dataset, split, id, sample): the last written, except that a failed clip never replaces a good answer (a part
     of an earlier run may hold a failure that a later run retried). With `expected` (row keys in the order of the

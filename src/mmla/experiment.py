@@ -40,7 +40,7 @@ from .config import build, coerce, parse_overrides, read_yaml
 from .inference import PredictConfig, dedupe, predict
 from .runs import claim, open_run, read_json, read_jsonl, read_run_config, write_config, write_json, write_jsonl, \
     write_text
-from .tasks import VIDEO_DATASETS, parse_datasets
+from .tasks import DATASETS, VIDEO_DATASETS, parse_datasets
 from .training import TrainConfig, make_config, model_info, train
 
 STAGES = ("zero-shot", "sft", "it")
@@ -277,7 +277,7 @@ def results_table(cfg: ExperimentConfig, results: dict[str, dict]) -> tuple[str,
     head = ["dataset"] + [c for s in settings for c in (f"{s} (ours)", f"{s} ({label})")]
     rows, table = [], {"datasets": {}, "average": {}}
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for ds in paper.DATASETS:
+    for ds in DATASETS:
         if not any(ds in ours[s] for s in settings):
             continue
         cells = [ds]

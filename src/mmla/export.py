@@ -20,7 +20,7 @@ from .prompts import render, target
 from .runs import write_json, write_text
 from .tasks import get_task, parse_datasets
 
-MODALITIES = ("text", "video")
+EXPORT_MODALITIES = ("text", "video")
 
 
 def _file_name(ds: str, split: str, modality: str) -> str:
@@ -47,7 +47,7 @@ def records(root: Path, ds: str, split: str, modality: str) -> list[dict]:
     return out
 
 
-def export_llamafactory(data: str | None, out: str, datasets="all", modalities=MODALITIES,
+def export_llamafactory(data: str | None, out: str, datasets="all", modalities=EXPORT_MODALITIES,
                         splits=("train", "dev")) -> dict:
     """Write the files and dataset_info.json into `out`; returns {"files": {...}, "missing": [...]}."""
     root = data_mod.data_root(data)
@@ -55,8 +55,8 @@ def export_llamafactory(data: str | None, out: str, datasets="all", modalities=M
     dest.mkdir(parents=True, exist_ok=True)
     info, missing, counts = {}, [], {}
     for modality in modalities:
-        if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got '{modality}'")
+        if modality not in EXPORT_MODALITIES:
+            raise ValueError(f"modality must be one of {', '.join(EXPORT_MODALITIES)}, got '{modality}'")
         for split in splits:
             union = []
             for ds in parse_datasets(datasets):

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable
 
 from . import data as data_mod
-from . import runs
 from . import video as video_mod
 from .prompts import candidates, render, target
 from .runs import environment, open_run, read_json, write_json, writing
@@ -250,12 +249,6 @@ def replace_dir(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def last_checkpoint(ckpt_dir: Path, say=None) -> Path | None:
-    """The newest checkpoint that can be resumed from: each is validated (mmla.runs.checkpoint_problem), so one
-    torn by a kill mid-save or truncated on a full disk is skipped for the one before it, named through `say`."""
-    return runs.last_checkpoint(ckpt_dir, say)
-
-
 class Run:
     """One training run (one adapter) in one output directory: its dev evaluation and best adapter so far
     (best.json survives a resume, so a worse later adapter never replaces a better one)."""
@@ -441,7 +434,7 @@ IDENTITY = ("model", "datasets", "setting", "modality", "family", "protocol", "l
 
 
 
-def frame_setting(cfg) -> video_mod.FrameSetting:
+def frames_of(cfg) -> video_mod.FrameSetting:
     return video_mod.frame_setting(cfg.frames, num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
 
 

@@ -28,6 +28,7 @@ from . import distributed
 from . import video as video_mod
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, render
+from .resolve import CLIP_MODALITIES, MODALITIES
 from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, open_run, read_jsonl, read_run_config, \
     startup_done, write_config, write_json
 from .tasks import PROMPT_FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
@@ -36,8 +37,6 @@ MODES = ("generate", "score")
 # A prompt longer than the model's context, as lm-evaluation-harness treats it (it keeps a context's end), but cutting
 # only the utterance, so that the instruction and the label list stay whole; every such row is named and marked.
 CONTEXT_POLICY = "cut the utterance from its start until prompt + answer tokens fit; refuse the row if none fits"
-MODALITIES = ("auto", "text", "video", "audio", "av")
-CLIP_MODALITIES = ("video", "audio", "av")  # rows that come with their clip
 
 
 @dataclass
@@ -51,7 +50,7 @@ class PredictConfig:
     protocol: str = "official"
     family: str | None = None  # default: infer_script under the official protocol, clean otherwise
     modality: str = "auto"  # auto: everything the model takes (av for an omni model, video for a VLM), else text
-    frames: str | None = None  # video: frame setting (mmla.video.SETTINGS); default the model family's official one
+    frames: str | None = None  # video: frame setting (mmla.video.FRAME_SETTINGS); default the model family's official one
     num_frames: int | None = None  # video: overrides of the frame setting
     fps: float | None = None
     max_pixels: int | None = None
@@ -202,7 +201,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     # predictions.jsonl; then every rank reads the same snapshot and takes its share of what is left
     ranks = distributed.start()
     if ranks.main:
-        distributed.merge(out)
+        distributed.merge_parts(out)
     distributed.barrier(ranks)
     pred_path = out / "predictions.jsonl"
     done, torn = read_jsonl(pred_path, PREDICTION_KEYS)
@@ -285,7 +284,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         if not ranks.main:
             distributed.barrier(ranks)
             return json.loads((out / "metrics.json").read_text())
-        env["merge"] = distributed.merge(out, [(e.dataset, e.split, e.id, k) for e, k in wanted])
+        env["merge"] = distributed.merge_parts(out, [(e.dataset, e.split, e.id, k) for e, k in wanted])
     records = [r for r in dedupe(read_jsonl(pred_path, PREDICTION_KEYS)[0]) if key(r) in keys]
     result = evaluate_samples(records)
     result["skipped_rows"] = len(skipped)

@@ -388,7 +388,7 @@ class AudioInputs(VideoInputs):
         if modality == "av":
             if getattr(processor, "video_processor", None) is None or not self.family.get("video", True):
                 raise ValueError(f"{model.config.model_type} hears but does not see: use --modality audio")
-            self._init_video(setting or video_mod.SETTINGS["official-infer"])
+            self._init_video(setting or video_mod.FRAME_SETTINGS["official-infer"])
         else:
             self.setting, self.processor_kwargs = None, {}
         self.audio_setting = audio_mod.audio_setting(processor, self.family, max_seconds, interleave, modality)

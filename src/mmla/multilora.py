@@ -49,7 +49,7 @@ from pathlib import Path
 from . import data as data_mod
 from . import video as video_mod
 from .finetune import IGNORE, Collator, DevEval, answer_positions, better, build_split, check_identity, \
-    frame_setting, load_for_training, lora_config, prepare_base, replace_dir, run_env, run_record, say, summary, \
+    frames_of, load_for_training, lora_config, prepare_base, replace_dir, run_env, run_record, say, summary, \
     training_arguments
 from .runs import claim, open_run, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
 
@@ -368,7 +368,7 @@ def _setup(cfg, datasets: list[str], out: Path, model, frame_cache, preset):
 
     model, tok, device, precision = load_for_training(cfg, model)
     video = cfg.modality == "video"
-    inputs = make_inputs(model, tok, frame_setting(cfg) if video else None)
+    inputs = make_inputs(model, tok, frames_of(cfg) if video else None)
     cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
     collate = Collator(inputs.pad_id, cfg.batching, inputs.forward_kwargs if video else None)
     adapters = []

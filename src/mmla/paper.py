@@ -24,12 +24,11 @@ PAPER_SETTINGS = ("zero-shot", "sft", "it")  # the paper's experiments (mmla.tra
 
 # The paper's table order is the dataset registry's (mmla.tasks): grouped by dimension, as in its figures and the
 # repo's data folders. A dimension is a task's name as the paper writes it ("dialogue_act" -> "Dialogue Act").
-DATASETS = tasks.DATASETS
-DIMENSIONS = tuple(dict.fromkeys(t.task.replace("_", " ").title() for t in tasks.TASKS.values()))
+DIMENSION_TITLES = tuple(dict.fromkeys(t.task.replace("_", " ").title() for t in tasks.TASKS.values()))
 
 # Our metrics.json spells precision and recall out; the paper's tables write P and R.
 METRIC_ALIASES = {"Precision": "P", "Recall": "R"}
-METRICS = ("ACC", "WF1", "WP", "F1", "R", "P")
+PAPER_METRICS = ("ACC", "WF1", "WP", "F1", "R", "P")
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def paper_value(model: str, setting: str, dataset: str, metric: str = "ACC") -> 
 def paper_accuracies(model: str, setting: str) -> dict[str, float]:
     """{dataset: ACC} for the datasets the paper reports for this model and setting (maybe empty)."""
     values = {}
-    for dataset in DATASETS:
+    for dataset in tasks.DATASETS:
         cell = paper_value(model, setting, dataset)
         if cell is not None:
             values[dataset] = cell.value
@@ -135,7 +134,7 @@ def reported_average(model: str, setting: str) -> float | None:
 
 def _task_rows() -> list[dict[str, str]]:
     # dataset_stats.csv ends with a TOTAL row that is not a dataset.
-    return [row for row in read_table("dataset_stats.csv") if row["dataset"] in DATASETS]
+    return [row for row in read_table("dataset_stats.csv") if row["dataset"] in tasks.DATASETS]
 
 
 def test_sizes() -> dict[str, int]:
@@ -152,7 +151,7 @@ def dimension(dataset: str) -> str:
     for row in _task_rows():
         if row["dataset"] == dataset:
             return row["dimension"]
-    raise ValueError(f"unknown dataset '{dataset}' (known: {', '.join(DATASETS)})")
+    raise ValueError(f"unknown dataset '{dataset}' (known: {', '.join(tasks.DATASETS)})")
 
 
 def baselines(dataset: str) -> list[dict]:

@@ -19,7 +19,6 @@ import csv
 import json
 import re
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -29,7 +28,7 @@ from pathlib import Path
 import yaml
 from jinja2 import Environment
 
-from . import __version__, paper, report_stats
+from . import __version__, paper, report_stats, tasks
 from .plots import confusion_counts, plot_confusion, plt  # noqa: F401  (confusion_counts: the API)
 from .plots import image as _image
 from .plots import save as _save
@@ -54,7 +53,7 @@ DISPLAY_COLUMNS = [
 
 
 @dataclass
-class Run:
+class RunDir:
     path: Path
     label: str
     config: dict
@@ -77,7 +76,7 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
-def load_run(run_dir: Path) -> Run:
+def load_run(run_dir: Path) -> RunDir:
     """Read one run directory; ValueError naming the file when a required one is missing."""
     run_dir = Path(run_dir)
     for required in ("metrics.json", "predictions.jsonl"):
@@ -92,7 +91,7 @@ def load_run(run_dir: Path) -> Run:
     if not isinstance(metrics.get("per_dataset"), dict):
         raise ValueError(f"{run_dir / 'metrics.json'}: no 'per_dataset' table")
     metrics = report_stats.fill_intervals(metrics, predictions)
-    return Run(run_dir, run_label(config, run_dir), config, env, metrics, predictions, train_log)
+    return RunDir(run_dir, run_label(config, run_dir), config, env, metrics, predictions, train_log)
 
 
 def run_label(config: dict, run_dir: Path) -> str:
@@ -105,7 +104,7 @@ def run_label(config: dict, run_dir: Path) -> str:
     return " ".join(parts) if parts else run_dir.name
 
 
-def _unique_labels(runs: list[Run]) -> None:
+def _unique_labels(runs: list[RunDir]) -> None:
     """Two runs of the same model and setting would collide in tables and folder names: number them."""
     used = set()
     for run in runs:
@@ -142,18 +141,18 @@ def paper_reference(config: dict) -> tuple[str, str] | None:
 def ordered_datasets(names) -> list[str]:
     """Paper order first (grouped by dimension), then anything else alphabetically."""
     names = set(names)
-    return [d for d in paper.DATASETS if d in names] + sorted(names - set(paper.DATASETS))
+    return [d for d in tasks.DATASETS if d in names] + sorted(names - set(tasks.DATASETS))
 
 
 def _dimension(dataset: str) -> str:
-    return paper.dimension(dataset) if dataset in paper.DATASETS else "Other"
+    return paper.dimension(dataset) if dataset in tasks.DATASETS else "Other"
 
 
 def _diff(ours, theirs) -> float | None:
     return None if ours is None or theirs is None else round(ours - theirs, 2)
 
 
-def dataset_rows(run: Run) -> list[dict]:
+def dataset_rows(run: RunDir) -> list[dict]:
     """One row per dataset: our metrics, strict metrics, unparsed rate, n, and per metric the paper's value
     and our difference (ours - paper) where the paper has one."""
     ref, sizes, split = run.reference, paper.test_sizes(), run.config.get("split", "test")
@@ -216,7 +215,7 @@ def _average_row(label: str, rows: list[dict], ours: dict) -> dict:
     return row
 
 
-def average_rows(run: Run, rows: list[dict]) -> list[dict]:
+def average_rows(run: RunDir, rows: list[dict]) -> list[dict]:
     """The weighted average from metrics.json, next to the paper's numbers averaged with the same weights.
 
     When the paper lacks some datasets (Qwen2-1.5B SFT has 9 of 12), a second row averages ours and the
@@ -262,7 +261,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def summary_row(run: Run) -> dict:
+def summary_row(run: RunDir) -> dict:
     """One line per run for summary.csv and the overview table."""
     avg, cfg, ref = run.metrics.get("average") or {}, run.config, run.reference
     rows = dataset_rows(run)
@@ -280,7 +279,7 @@ def summary_row(run: Run) -> dict:
     }
 
 
-def comparison_rows(runs: list[Run]) -> list[dict]:
+def comparison_rows(runs: list[RunDir]) -> list[dict]:
     """ACC per dataset (rows) for every run and every distinct paper reference (columns)."""
     refs = list(dict.fromkeys(r.reference for r in runs if r.reference))
     datasets = ordered_datasets({d for r in runs for d in r.metrics["per_dataset"]})
@@ -298,7 +297,7 @@ def comparison_rows(runs: list[Run]) -> list[dict]:
         average[run.label] = (run.metrics.get("average") or {}).get("ACC")
     for model, setting in refs:  # paper columns: test-size weighted, like the leaderboard
         values = {r["dataset"]: r[f"paper {model} {setting}"] for r in rows}
-        known = None not in values.values() and all(d in paper.DATASETS for d in values)
+        known = None not in values.values() and all(d in tasks.DATASETS for d in values)
         average[f"paper {model} {setting}"] = round(paper.weighted_average(values), 2) if known else None
     return rows + [average]
 
@@ -350,7 +349,7 @@ def plot_accuracy_vs_paper(rows: list[dict], title: str, path: Path) -> Path:
 def dimension_rows(rows: list[dict]) -> list[dict]:
     """n-weighted ACC per dimension, ours and the paper's (the latter only if all its datasets are known)."""
     out = []
-    for dim in list(paper.DIMENSIONS) + ["Other"]:
+    for dim in list(paper.DIMENSION_TITLES) + ["Other"]:
         group = [r for r in rows if r["dimension"] == dim]
         if group:
             out.append({"dimension": dim, "ACC": _weighted_over(group, "ACC"),
@@ -406,7 +405,7 @@ def plot_comparison(rows: list[dict], columns: list[str], path: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _run_section(run: Run, out_dir: Path) -> dict:
+def _run_section(run: RunDir, out_dir: Path) -> dict:
     """Write the run's tables and figures under runs/<label>/ and return what the templates show."""
     run_dir = out_dir / "runs" / slug(run.label)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The report's statistical parts: notes on the intervals and on paper figures outside them, the calibration of a
 score-mode run, and where two runs differ (paired differences, per-class F1 differences, confusion matrices side by
-side). Runs are mmla.report.Run objects; nothing here reads files."""
+side). Runs are mmla.report.RunDir objects; nothing here reads files."""
 
 from __future__ import annotations
 

@@ -45,6 +45,10 @@ CHATML = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{media}{prom
 # Mistral-7B-Instruct-v0.2's tokenizer template with a system turn, as VideoLLaMA2's checkpoint renders it (ext).
 MISTRAL_SYS = "<s>[INST] {system}\n\n{media}{prompt} [/INST]"
 
+# What a run feeds the model (auto: all the model takes), and the modalities whose rows come with their clip.
+MODALITIES = ("auto", "text", "video", "audio", "av")
+CLIP_MODALITIES = ("video", "audio", "av")
+
 ROUTES = ("native", "remote-code", "server", "unsupported")
 
 
@@ -62,7 +66,7 @@ class ModelFamily:
     system: str | None = None  # None: the chat template's default system turn, if any
     template: str | None = None  # a format string with {system} {media} {prompt}; None: the checkpoint's template
     video_at: str = "n/a"  # where the clip goes, in words
-    frames: str | None = None  # zero-shot frame setting (mmla.video.SETTINGS)
+    frames: str | None = None  # zero-shot frame setting (mmla.video.FRAME_SETTINGS)
     train_frames: str | None = None  # fine-tuning frame setting
     decoding: dict = field(default_factory=dict)  # Decoding fields; "checkpoint": inherit the generation config
     max_new_tokens: int | None = 64  # None: until the model's maximum length

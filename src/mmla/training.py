@@ -51,17 +51,16 @@ from . import data as data_mod
 from . import multilora
 from . import video as video_mod
 from .config import coerce
-from .finetune import Collator, DevEval, Run, build_split, check_identity, frame_setting, is_main, last_checkpoint, \
+from .finetune import Collator, DevEval, Run, build_split, check_identity, frames_of, is_main, \
     load_for_training, lora_config, prepare_base, run_env, run_record, say, save_adapter, summary, trainer_classes, \
     training_arguments
 from .prompts import PROTOCOLS
-from .runs import claim, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
+from .resolve import CLIP_MODALITIES, MODALITIES
+from .runs import claim, last_checkpoint, read_json, read_jsonl, write_config, write_json, write_jsonl, writing
 from .tasks import PROMPT_FAMILIES, VIDEO_DATASETS, get_task, parse_datasets
 
 TRAIN_SETTINGS = ("sft", "it")  # what training trains (mmla.paper.PAPER_SETTINGS adds zero-shot)
 PRESET_NAMES = ("paper", "fast")
-MODALITIES = ("auto", "text", "video", "audio", "av")
-CLIPS = ("video", "audio", "av")  # modalities whose rows come with their clip
 EVAL_GEN = ("score", "generate", "none")
 SELECT = ("eval_accuracy", "eval_gen_accuracy")
 PRECISIONS = ("auto", "fp32", "bf16", "mixed")
@@ -287,7 +286,7 @@ def with_preset(cfg: TrainConfig, dataset: str) -> TrainConfig:
 
 def _parse(spec, modality: str) -> list[str]:
     spec = spec if len(spec) != 1 else spec[0]
-    if modality in CLIPS and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
+    if modality in CLIP_MODALITIES and spec == "all":  # MLLM experiments use the 9 datasets whose videos are released
         spec = "video"
     return parse_datasets(spec)
 
@@ -304,7 +303,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, allowed in checks:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(cfg, key)}'")
-    video = cfg.modality in CLIPS
+    video = cfg.modality in CLIP_MODALITIES
     if cfg.family is None:
         cfg.family = "llamafactory_video" if video else "llamafactory_text"
     if cfg.eval_family is None:
@@ -336,7 +335,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if cfg.batching == "packed":
             raise ValueError("batching=packed is for text models (a video row's positions are not 0..n-1)")
         if cfg.modality != "audio":
-            frame_setting(cfg)  # validates
+            frames_of(cfg)  # validates
     if cfg.modality not in ("video", "av") and any(getattr(cfg, k) is not None for k in ("frames", "num_frames", "fps", "max_pixels")):
         raise ValueError(f"frames, num_frames, fps and max_pixels are for video models; '{cfg.model}' is trained "
                          f"as text")
@@ -367,8 +366,8 @@ def _train_one(cfg: TrainConfig, datasets: list[str], out: Path, progress: bool,
     from .inputs import make_inputs
 
     model, tok, device, precision = load_for_training(cfg, model)
-    video = cfg.modality in CLIPS
-    inputs = make_inputs(model, tok, frame_setting(cfg) if cfg.modality in ("video", "av") else None,
+    video = cfg.modality in CLIP_MODALITIES
+    inputs = make_inputs(model, tok, frames_of(cfg) if cfg.modality in ("video", "av") else None,
                          modality=cfg.modality, audio={"max_seconds": cfg.max_audio_seconds})
     cache = (frame_cache or video_mod.FrameCache(enabled=not cfg.no_frame_cache)) if video else None
     train_split = build_split(cfg, inputs, datasets, "train", cfg.limit, cache=cache)

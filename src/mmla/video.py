@@ -85,7 +85,7 @@ class FrameSetting:
         return d
 
 
-SETTINGS: dict[str, FrameSetting] = {
+FRAME_SETTINGS: dict[str, FrameSetting] = {
     "official-infer": FrameSetting("official-infer", num_frames=4, fps=1.0, max_pixels=360 * 420),
     # Qwen2-VL-7B-Instruct's processor bounds (min 56*56, max 12,845,056 px) around LLaMA-Factory's 128 px frames.
     "official-train": FrameSetting("official-train", num_frames=None, fps=2.0, min_frames=4, max_frames=50,
@@ -104,10 +104,10 @@ def frame_setting(name: str | FrameSetting = "official-infer", *, num_frames: in
     """A named setting with overrides. `fps` alone switches to fps sampling; `num_frames` to a fixed count."""
     if isinstance(name, FrameSetting):
         s = name
-    elif name in SETTINGS:
-        s = SETTINGS[name]
+    elif name in FRAME_SETTINGS:
+        s = FRAME_SETTINGS[name]
     else:
-        raise ValueError(f"unknown frame setting '{name}' (known: {', '.join(SETTINGS)})")
+        raise ValueError(f"unknown frame setting '{name}' (known: {', '.join(FRAME_SETTINGS)})")
     changes: dict = {}
     if num_frames is not None:
         if int(num_frames) < 1:
@@ -523,7 +523,7 @@ def check_data(root: str | os.PathLike, datasets: list[str] | None = None, split
                     reason = probe_clip(clip.path)
                 elif check == "full":
                     try:
-                        load_frames(clip.path, setting or SETTINGS["official-infer"], cache)
+                        load_frames(clip.path, setting or FRAME_SETTINGS["official-infer"], cache)
                     except ClipError as err:
                         reason = str(err)
                 if reason:
