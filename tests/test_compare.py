@@ -11,7 +11,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score
 
 from mmla import stats
-from mmla.compare import compare_runs, read_predictions
+from mmla.compare import compare_runs, read_run
 from mmla.evaluation import METRICS, parse_output
 from mmla.tasks import get_task
 
@@ -69,7 +69,7 @@ def test_json_recomputed_from_the_predictions(two):
 
 def test_a_run_against_itself_differs_by_exactly_zero(two):
     a, _ = two
-    out = compare_runs(read_predictions(a), read_predictions(a / "predictions.jsonl"), resamples=500)
+    out = compare_runs(read_run(a), read_run(a / "predictions.jsonl"), resamples=500)
     for block in (*out["per_dataset"].values(), out["average"]):
         assert block["agreement"] == 100.0
         for m in METRICS:

@@ -30,16 +30,13 @@ Families. `AUDIO_FAMILIES` is data keyed by the config's model_type (move it int
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .video import ClipError, Frames
+from .video import ClipError, Frames, NpzCache
 
 SILENCE_MIN_SECONDS = 1.0
 
@@ -174,48 +171,25 @@ def decode_audio(path: str | os.PathLike, setting: AudioSetting) -> Audio:
 # ---------------------------------------------------------------- cache
 
 
-class AudioCache:
-    """Decoded waveforms as .npz files keyed by clip path + size + mtime + audio setting."""
+class AudioCache(NpzCache):
+    """Decoded waveforms, keyed by clip and audio setting (mmla.video.NpzCache)."""
 
-    def __init__(self, root: str | os.PathLike, enabled: bool = True):
-        self.root = Path(root)
-        self.enabled = enabled
-        self.hits = self.misses = 0
+    what = "audio cache"
 
     @classmethod
     def beside(cls, frame_cache) -> AudioCache:
         """The audio cache that goes with a frame cache (a folder inside it, on or off with it)."""
         return cls(Path(frame_cache.root) / "audio", enabled=frame_cache.enabled)
 
-    def path_for(self, clip: Path, setting: AudioSetting) -> Path:
-        st = os.stat(clip)
-        raw = json.dumps([str(Path(clip).resolve()), st.st_size, st.st_mtime_ns, setting.decode_key()], sort_keys=True)
-        h = hashlib.sha256(raw.encode()).hexdigest()
-        return self.root / h[:2] / f"{h}.npz"
-
     def get(self, clip: Path, setting: AudioSetting) -> Audio | None:
-        if not self.enabled:
+        hit = self.read(clip, setting, "wave")
+        if hit is None:
             return None
-        p = self.path_for(clip, setting)
-        if not p.is_file():
-            return None
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                return Audio(z["wave"], meta["rate"], meta["duration"], meta["has_track"], cached=True)
-        except Exception:  # a torn or foreign file: decode again and overwrite it
-            return None
+        wave, meta = hit
+        return Audio(wave, meta["rate"], meta["duration"], meta["has_track"], cached=True)
 
     def put(self, clip: Path, setting: AudioSetting, a: Audio) -> None:
-        if not self.enabled:
-            return
-        p = self.path_for(clip, setting)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps({"rate": a.rate, "duration": a.duration, "has_track": a.has_track, "clip": str(clip)})
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, wave=a.wave, meta=np.array(meta))
-        os.replace(tmp, p)
+        self.write(clip, setting, "wave", a.wave, {"rate": a.rate, "duration": a.duration, "has_track": a.has_track})
 
 
 def load_audio(path: str | os.PathLike, setting: AudioSetting, cache: AudioCache | None = None) -> Audio:
@@ -223,16 +197,4 @@ def load_audio(path: str | os.PathLike, setting: AudioSetting, cache: AudioCache
     path = Path(path)
     if not path.is_file():
         raise ClipError(f"missing: {path}")
-    if cache is not None:
-        hit = cache.get(path, setting)
-        if hit is not None:
-            cache.hits += 1
-            return hit
-    a = decode_audio(path, setting)
-    if cache is not None:
-        cache.misses += 1
-        try:
-            cache.put(path, setting, a)
-        except OSError as e:  # a full or read-only cache never stops a run
-            print(f"warning: audio cache not written ({e})", file=sys.stderr)
-    return a
+    return cache.through(path, setting, decode_audio) if cache is not None else decode_audio(path, setting)

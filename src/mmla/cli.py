@@ -47,23 +47,9 @@ def cmd_prompts(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluation import evaluate_samples, format_table
+    from .evaluation import evaluate_samples, format_table, read_predictions
     path = Path(a.predictions)
-    if not path.is_file():
-        raise ValueError(f"{path}: {'is a directory, not a predictions file' if path.is_dir() else 'file not found'}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-    if not records:
-        raise ValueError(f"{path}: no predictions in this file")
+    records = read_predictions(path)
     try:
         result = evaluate_samples(records, seed=a.seed, resamples=a.resamples)
     except ValueError as e:
@@ -79,9 +65,9 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .compare import compare_runs, format_comparison, left_out_line, read_predictions
+    from .compare import compare_runs, format_comparison, left_out_line, read_run
 
-    result = compare_runs(read_predictions(a.run_a), read_predictions(a.run_b), seed=a.seed,
+    result = compare_runs(read_run(a.run_a), read_run(a.run_b), seed=a.seed,
                           resamples=a.resamples)
     print(left_out_line(result["rows"]), file=sys.stderr)
     print(json.dumps(result, indent=2) if a.json else format_comparison(result, str(a.run_a), str(a.run_b)))

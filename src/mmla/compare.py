@@ -10,7 +10,6 @@ bootstrap is stratified by dataset.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -19,30 +18,18 @@ import numpy as np
 from . import stats
 from .data import normalize_label
 from .evaluation import METRICS, check_records, compute_metrics, label_indices, parse_output, unique_records
-from .evaluation import weighted_average
+from .evaluation import read_predictions as read_file, weighted_average
 from .tasks import get_task
 
 
-def read_predictions(path: Path) -> list[dict]:
+def read_run(path: Path) -> list[dict]:
     """A run directory's predictions.jsonl (or the file itself); bad input is one line naming file and line."""
     path = Path(path)
     if path.is_dir():
         path = path / "predictions.jsonl"
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{path}: file not found (give a run directory or its predictions.jsonl)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-    if not records:
-        raise ValueError(f"{path}: no predictions in this file")
+    records = read_file(path)
     try:
         check_records(records)
     except ValueError as e:

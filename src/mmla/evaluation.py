@@ -155,6 +155,30 @@ def check_records(records: list[dict]) -> None:
         get_task(r["dataset"])
 
 
+def read_predictions(path) -> list[dict]:
+    """The records of a predictions JSONL file; bad input is one line naming the file and line."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {'is a directory, not a predictions file' if path.is_dir() else 'file not found'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    if not records:
+        raise ValueError(f"{path}: no predictions in this file")
+    return records
+
+
 def unique_records(records: list[dict]) -> tuple[list[dict], int]:
     """One record per (dataset, split, id, sample), the last one written (a file two runs appended to, or a
     rerun's retries), and how many were dropped. Records without an id are all kept."""

@@ -254,16 +254,9 @@ def tiny_video_parts(arch: str, real_size: bool = False):
 
 def build_tiny_video_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, real_size: bool = False) -> Path:
     """Write a tiny random-init `arch` model and its processor to `out_dir` (fp32 safetensors)."""
-    import torch
     from transformers import AutoModelForImageTextToText
 
-    config, processor = tiny_video_parts(arch, real_size)
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save(AutoModelForImageTextToText, *tiny_video_parts(arch, real_size), out_dir, seed)
 
 
 # ---------------------------------------------------------------- text models: tiny, and real-size configs
@@ -461,12 +454,17 @@ def tiny_audio_parts(arch: str):
 
 def build_tiny_audio_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random-init audio-capable `arch` model and its processor to `out_dir` (fp32 safetensors)."""
-    import torch
     from transformers import AutoModelForMultimodalLM
 
-    config, processor = tiny_audio_parts(arch)
+    return _save(AutoModelForMultimodalLM, *tiny_audio_parts(arch), out_dir, seed)
+
+
+def _save(auto_class, config, processor, out_dir, seed: int) -> Path:
+    """A random-init model of `config` (seeded, fp32) and its processor, written to `out_dir`."""
+    import torch
+
     torch.manual_seed(seed)
-    model = AutoModelForMultimodalLM.from_config(config, dtype=torch.float32).eval()
+    model = auto_class.from_config(config, dtype=torch.float32).eval()
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -260,11 +260,15 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "frames"
 
 
-class FrameCache:
-    """Decoded, resized frames as .npz files keyed by clip path + size + mtime + frame setting."""
+class NpzCache:
+    """Decoded media as .npz files keyed by clip path + size + mtime + the setting that made them (its decode_key).
+    Entries are written whole: a temporary file of its own (decode workers and data-parallel ranks may write the
+    same entry at once), renamed into place, so a reader sees the whole entry or none."""
 
-    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
-        self.root = Path(root) if root is not None else cache_dir()
+    what = "cache"  # for the warning a failed write prints
+
+    def __init__(self, root: str | os.PathLike, enabled: bool = True):
+        self.root = Path(root)
         self.enabled = enabled
         self.hits = self.misses = 0
         self._count = threading.Lock()  # decode workers count hits and misses at once
@@ -276,13 +280,14 @@ class FrameCache:
             else:
                 self.misses += 1
 
-    def path_for(self, clip: Path, setting: FrameSetting) -> Path:
+    def path_for(self, clip: Path, setting) -> Path:
         st = os.stat(clip)
         raw = json.dumps([str(Path(clip).resolve()), st.st_size, st.st_mtime_ns, setting.decode_key()], sort_keys=True)
         h = hashlib.sha256(raw.encode()).hexdigest()
         return self.root / h[:2] / f"{h}.npz"
 
-    def get(self, clip: Path, setting: FrameSetting) -> Frames | None:
+    def read(self, clip: Path, setting, key: str) -> tuple[np.ndarray, dict] | None:
+        """The entry's array `key` and its metadata, or None (no entry, the cache off, a torn or foreign file)."""
         if not self.enabled:
             return None
         p = self.path_for(clip, setting)
@@ -290,30 +295,60 @@ class FrameCache:
             return None
         try:
             with np.load(p, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                return Frames(z["frames"], meta["indices"], meta["total_frames"], meta["video_fps"],
-                              meta["duration"], cached=True)
+                return z[key], json.loads(str(z["meta"]))
         except Exception:  # a torn or foreign file: decode again and overwrite it
             return None
 
-    def put(self, clip: Path, setting: FrameSetting, fr: Frames) -> None:
+    def through(self, clip: Path, setting, decode):
+        """The entry for (clip, setting) if there is one, else `decode(clip, setting)`, stored for the next time
+        (a full or read-only cache never stops a run)."""
+        hit = self.get(clip, setting)
+        if hit is not None:
+            self.counted(True)
+            return hit
+        made = decode(clip, setting)
+        self.counted(False)
+        try:
+            self.put(clip, setting, made)
+        except OSError as e:
+            print(f"warning: {self.what} not written ({e})", file=sys.stderr)
+        return made
+
+    def write(self, clip: Path, setting, key: str, array: np.ndarray, meta: dict) -> None:
         if not self.enabled:
             return
         p = self.path_for(clip, setting)
         p.parent.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps({"indices": [int(i) for i in fr.indices], "total_frames": fr.total_frames,
-                           "video_fps": fr.video_fps, "duration": fr.duration, "clip": str(clip)})
-        # a temporary file of its own (decode workers and data-parallel ranks may write the same entry at once),
-        # renamed into place: a reader sees the whole entry or none
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         try:
             os.fchmod(fd, 0o644)  # as open() would make it, not mkstemp's owner-only
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, frames=fr.array, meta=np.array(meta))
+                np.savez(f, **{key: array}, meta=np.array(json.dumps({**meta, "clip": str(clip)})))
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class FrameCache(NpzCache):
+    """Decoded, resized frames, keyed by clip and frame setting."""
+
+    what = "frame cache"
+
+    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
+        super().__init__(root if root is not None else cache_dir(), enabled)
+
+    def get(self, clip: Path, setting: FrameSetting) -> Frames | None:
+        hit = self.read(clip, setting, "frames")
+        if hit is None:
+            return None
+        array, meta = hit
+        return Frames(array, meta["indices"], meta["total_frames"], meta["video_fps"], meta["duration"], cached=True)
+
+    def put(self, clip: Path, setting: FrameSetting, fr: Frames) -> None:
+        self.write(clip, setting, "frames", fr.array, {"indices": [int(i) for i in fr.indices],
+                                                      "total_frames": fr.total_frames, "video_fps": fr.video_fps,
+                                                      "duration": fr.duration})
 
 
 def decode_frames(path: str | os.PathLike, setting: FrameSetting, decoder: str | None = None) -> Frames:
@@ -353,19 +388,7 @@ def load_frames(path: str | os.PathLike, setting: FrameSetting, cache: FrameCach
     path = Path(path)
     if not path.is_file():
         raise ClipError(f"missing: {path}")
-    if cache is not None:
-        hit = cache.get(path, setting)
-        if hit is not None:
-            cache.counted(True)
-            return hit
-    fr = decode_frames(path, setting)
-    if cache is not None:
-        cache.counted(False)
-        try:
-            cache.put(path, setting, fr)
-        except OSError as e:  # a full or read-only cache never stops a run
-            print(f"warning: frame cache not written ({e})", file=sys.stderr)
-    return fr
+    return cache.through(path, setting, decode_frames) if cache is not None else decode_frames(path, setting)
 
 
 def probe_clip(path: str | os.PathLike) -> str | None:
