@@ -26,7 +26,7 @@ class TableBackend:
     def __init__(self, options: Options):
         self.tokenizer = AutoTokenizer.from_pretrained(options.model)
         self.kind = model_kind(self.tokenizer)
-        self.modality, self.setting, self.row, self.generation_config = options.modality, None, options.family, None
+        self.modality, self.setting, self.audio, self.generation_config = options.modality, None, None, None
         self.context_length = None  # a table has no context limit
         self.name = options.model
 

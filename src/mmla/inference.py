@@ -248,7 +248,8 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     cache = frame_cache if frame_cache is not None else video_mod.FrameCache(enabled=not cfg.no_frame_cache)
     if ranks.main:
         write_config(out / "config.yaml", {**dataclasses.asdict(cfg), **({"frame_setting": frames} if frames else {}),
-                                           **({"audio_setting": backend.audio} if backend and backend.audio else {})})
+                                           **({"audio_setting": backend.audio} if backend and cfg.modality in ("audio", "av")
+                                              else {})})
     env = {**environment(None), **({"hf_device_map": None} if cfg.device_map else {}),
            "decoding": dataclasses.asdict(decoding) if decoding else None, "skipped_rows": skipped, **res.record()}
     if backend is not None:
@@ -267,7 +268,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         sink = (JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
                 if ranks.world == 1 else JsonlAppender(distributed.part_path(out, ranks.rank)))
         try:
-            stats = _run(run_cfg, backend, decoding, cache, todo, sink, progress, histories)
+            stats = _run(run_cfg, backend, decoding, cache, todo, sink, progress, histories, res.family)
         finally:
             sink.close()
             if ranks.main:  # what the backend learnt while running (a server's model id and fingerprint)
@@ -418,7 +419,7 @@ class _Stager:
 
 
 def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppender, progress: bool,
-         histories: list | None = None) -> dict:
+         histories: list | None = None, row=None) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
     batches, so only their frames are in memory. With several decode workers (mmla.decode.DecodePool, in `_Stager`)
@@ -430,7 +431,7 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
 
     video = backend.modality in CLIP_MODALITIES
     stager = _Stager(cfg, todo, backend.load_clip, cache) if video else None
-    row = backend.row if cfg.protocol == "official" else None
+    row = row if cfg.protocol == "official" else None  # the resolver's family row: what is decoded, the cleanup
     whole = row is not None and row.decoded == "whole" and cfg.mode == "generate"
     root = Path(cfg.data)
     bar = tqdm(total=len(todo), desc=f"{cfg.mode} {cfg.model}", unit="sample", disable=not progress)

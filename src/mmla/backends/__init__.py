@@ -51,7 +51,6 @@ class Backend(Protocol):
     setting: Any  # video, av: the frame setting its rows use (None otherwise)
     audio: dict | None  # audio, av: the audio setting its rows use, as recorded (None otherwise)
     kind: str  # the protocol's model kind (mmla.prompts.model_kind): qwen | llama3 | other
-    row: Any  # the model family's row (mmla.resolve.ModelFamily), None when unknown
     generation_config: Any  # the checkpoint's generation config, or None
     context_length: int | None  # the model's context in tokens, None when not known here
 
