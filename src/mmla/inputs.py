@@ -399,9 +399,10 @@ class AudioInputs(VideoInputs):
             hasattr(core, "model") and hasattr(core, "lm_head"))
 
     def load(self, path, cache: video_mod.FrameCache | None):
-        if cache is not None and id(cache) not in self._audio_caches:
-            self._audio_caches[id(cache)] = audio_mod.AudioCache.beside(cache)
-        sound = audio_mod.load_audio(path, self.audio_setting, self._audio_caches.get(id(cache)))
+        # decode workers call this at once: setdefault keeps one audio cache per frame cache (and its counts)
+        audio_cache = (self._audio_caches.setdefault(id(cache), audio_mod.AudioCache.beside(cache))
+                       if cache is not None else None)
+        sound = audio_mod.load_audio(path, self.audio_setting, audio_cache)
         if self.modality == "audio":
             return sound
         return audio_mod.AvClip(video_mod.load_frames(path, self.setting, cache), sound)
