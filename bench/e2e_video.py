@@ -47,7 +47,6 @@ from mmla.decode import DecodePool, decoder_name  # noqa: E402
 from mmla.inputs import make_inputs  # noqa: E402
 from mmla.backends.local import LocalBackend  # noqa: E402
 from mmla.models import load_model, pick_device  # noqa: E402
-from mmla.resolve import family_of  # noqa: E402
 from mmla.prompts import render  # noqa: E402
 
 
@@ -107,9 +106,9 @@ def main(argv=None) -> dict:
                                                         max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                                         out=str(tmp / "unused")))
         model, proc = load_model(model_dir, dtype=args.dtype, modality="video")
-        setting = V.frame_setting(family_of(model.config).get("frames", "official-infer"))
-        inputs = make_inputs(model, proc, setting)
-        decoding = inference.decoding_for(cfg, LocalBackend.of(model, inputs), inputs.row)
+        res = inference.resolved(cfg)  # the frames and decoding the command resolves to
+        inputs = make_inputs(model, proc, V.frame_setting(inference.default_frames(res)), res.family)
+        decoding = inference.decoding_for(cfg, LocalBackend.of(model, inputs), res.family, res.protocol)
         examples = load_split(root, "MELD", "test").examples
         n = len(examples)
         warm = prepare_alone(cfg, inputs, examples[:2], V.FrameCache(enabled=False), 1)  # untimed warm-up
@@ -155,7 +154,7 @@ def main(argv=None) -> dict:
         else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, "
              f"{os.cpu_count()} cores",
         "model": name, "dtype": args.dtype, "n": n, "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens, "frames": setting.record()["name"],
+        "max_new_tokens": args.max_new_tokens, "frames": inputs.setting.record()["name"],
         "video_decoder": record.get("video_decoder") or decoder_name(announce=False),
         "decode_workers": record.get("decode_workers"),
         "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},

@@ -112,7 +112,7 @@ def resolve(cfg: PredictConfig) -> PredictConfig:
         if no_video:
             raise ValueError(f"no videos are released for {', '.join(no_video)}: use --datasets video "
                              f"({', '.join(VIDEO_DATASETS)}) or --modality text")
-        video_mod.frame_setting(cfg.frames or _default_frames(model), num_frames=cfg.num_frames, fps=cfg.fps,
+        video_mod.frame_setting(cfg.frames or default_frames(model), num_frames=cfg.num_frames, fps=cfg.fps,
                                 max_pixels=cfg.max_pixels)  # validates
     if cfg.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
@@ -165,7 +165,8 @@ def resolved(cfg: PredictConfig):
                          trust_remote_code=cfg.trust_remote_code, local=cfg.backend == "local")
 
 
-def _default_frames(model) -> str:
+def default_frames(model) -> str:
+    """The frame setting a resolved model runs by default: its family row's under official, else official-infer."""
     row = model.family
     return (row.frames if row is not None and row.frames and model.protocol == "official" else None) or \
         "official-infer"
@@ -324,7 +325,7 @@ def candidate_probs(scored) -> list[float]:
 
 def _options(cfg: PredictConfig, res, out: Path, ranks: distributed.Ranks) -> backends.Options:
     """What a backend is built from: plain values, and the resolver's family row."""
-    frames = {"name": cfg.frames or _default_frames(res), "num_frames": cfg.num_frames, "fps": cfg.fps,
+    frames = {"name": cfg.frames or default_frames(res), "num_frames": cfg.num_frames, "fps": cfg.fps,
               "max_pixels": cfg.max_pixels}
     audio = {"max_seconds": cfg.max_audio_seconds, "interleave": cfg.audio_in_video}
     return backends.Options(model=cfg.model, modality=cfg.modality,

@@ -103,22 +103,3 @@ def chat_text(tokenizer, prompt: str, protocol: str, *, training: bool = False) 
     """The full model input string, ending with the assistant turn's header."""
     msgs = chat_messages(prompt, protocol, model_kind(tokenizer), training=training)
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-
-
-def official_decoding(kind: str, generation_config=None) -> Decoding:
-    """Decoding of the official zero-shot scripts (../shared/paper/hyperparams.md section 2.3)."""
-    if kind == "llama3":
-        return Decoding(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=256)
-    # Qwen2 scripts call generate(max_new_tokens=1024) and inherit the checkpoint's generation config
-    # (Qwen2-Instruct ships sampling settings there).
-    g = generation_config
-    if g is None:
-        return Decoding(max_new_tokens=1024)
-    return Decoding(
-        do_sample=bool(getattr(g, "do_sample", False)),
-        temperature=getattr(g, "temperature", None),
-        top_p=getattr(g, "top_p", None),
-        top_k=getattr(g, "top_k", None),
-        repetition_penalty=getattr(g, "repetition_penalty", None),
-        max_new_tokens=1024,
-    )

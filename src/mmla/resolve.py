@@ -195,12 +195,6 @@ def family_for(config=None, paper_model: str | None = None) -> ModelFamily | Non
     return by_config or by_paper
 
 
-def family_of(config) -> dict:
-    """The row of a loaded model's config as a dict ({} when none): what the input seam reads."""
-    row = _config_row(config)
-    return row.record() if row is not None else {}
-
-
 # ---------------------------------------------------------------- the resolver
 
 
