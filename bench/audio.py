@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from results import emit  # noqa: E402  (bench/results.py)
-from video import SHARED, make_root, ours, timed  # noqa: E402  (bench/video.py)
+from video import clip_args, make_root, ours, timed  # noqa: E402  (bench/video.py)
 from mmla import audio as A  # noqa: E402
 from mmla import tiny  # noqa: E402
 from mmla import video as V  # noqa: E402
@@ -65,15 +65,7 @@ def run_ours(model, processor, root, examples, decoding, cache, batch_size):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="an omni checkpoint (default: a tiny random Qwen2.5-Omni thinker)")
-    ap.add_argument("--n", type=int, default=12, help="samples (clips)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)  # the omni family's official-style budget
-    ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--data", default=str(SHARED / "mmla"), help="where MELD/test.tsv is read from")
-    ap.add_argument("--videos", default=str(SHARED / "videos"))
-    ap.add_argument("--out", help="also write the JSON here")
+    clip_args(ap)  # 128 new tokens: the budget the omni configs set
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)

@@ -114,21 +114,26 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="a Qwen2-VL / Qwen2.5-VL checkpoint (default: a tiny random Qwen2-VL)")
-    ap.add_argument("--arch", choices=("qwen2-vl-7b",), help="real-size architecture (with --random-init)")
-    ap.add_argument("--random-init", action="store_true", help="random weights of --arch; the tiny processor")
+def clip_args(ap) -> None:
+    """The options every clip benchmark takes (this one and bench/audio.py)."""
     ap.add_argument("--n", type=int, default=12, help="samples (clips)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)  # the official Qwen2-VL infer.py
     ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
-    ap.add_argument("--decode-workers", type=int, help="mmla's decode pool (default: the cores, at most 8)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data", default=str(SHARED / "mmla"), help="where MELD/test.tsv is read from")
     ap.add_argument("--videos", default=str(SHARED / "videos"))
     ap.add_argument("--out", help="also write the JSON here")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a Qwen2-VL / Qwen2.5-VL checkpoint (default: a tiny random Qwen2-VL)")
+    ap.add_argument("--arch", choices=("qwen2-vl-7b",), help="real-size architecture (with --random-init)")
+    ap.add_argument("--random-init", action="store_true", help="random weights of --arch; the tiny processor")
+    clip_args(ap)
+    ap.add_argument("--decode-workers", type=int, help="mmla's decode pool (default: the cores, at most 8)")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
