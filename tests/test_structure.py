@@ -11,7 +11,7 @@ LAYERS = [
     {"__init__", "tasks", "config", "errors", "stats"},
     {"data", "prompts", "evaluation", "runs", "paper", "decode"},
     {"video", "audio", "models", "resolve", "compare", "plots"},
-    {"llava_video"},
+    {"llava_video", "prefetch"},
     {"tiny", "inputs"},
     {"backends"},
     {"engine", "backends.local", "backends.openai"},

@@ -26,6 +26,7 @@ from . import backends
 from . import data as data_mod
 from . import distributed
 from . import video as video_mod
+from .prefetch import Prefetch
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, render
 from .resolve import CLIP_MODALITIES, MODALITIES
@@ -190,13 +191,19 @@ def row_seed(seed: int, dataset: str, id_: str, sample: int = 0) -> int:
 def predict(cfg: PredictConfig, *, progress: bool = True, frame_cache: video_mod.FrameCache | None = None) -> dict:
     # ---- setup
     t_start = time.perf_counter()
-    cfg = resolve(cfg)
-    examples, skipped = load_examples(cfg)
-    with claim(Path(cfg.out), "predict"):  # one writer per run directory: a second process is refused
-        return _predict(cfg, examples, skipped, progress, frame_cache, t_start)
+    # a fresh process decodes clips in a child while it imports and loads the model (mmla.prefetch)
+    ahead = Prefetch.start(cfg) if frame_cache is None else Prefetch()
+    try:
+        cfg = resolve(cfg)
+        examples, skipped = load_examples(cfg)
+        with claim(Path(cfg.out), "predict"):  # one writer per run directory: a second process is refused
+            return _predict(cfg, examples, skipped, progress, frame_cache, t_start, ahead)
+    finally:
+        ahead.close()
 
 
-def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache, t_start: float) -> dict:
+def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache, t_start: float,
+             ahead: Prefetch) -> dict:
     out = open_run(Path(cfg.out), {k: getattr(cfg, k) for k in _IDENTITY})
     # data-parallel (torchrun / accelerate launch): rank 0 first folds the parts a killed run left into
     # predictions.jsonl; then every rank reads the same snapshot and takes its share of what is left
@@ -268,6 +275,7 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     if todo:
         sink = (JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
                 if ranks.world == 1 else JsonlAppender(distributed.part_path(out, ranks.rank)))
+        ahead.stop()  # from here the decode pool reads the clips (and finds what the child decoded)
         try:
             stats = _run(run_cfg, backend, decoding, cache, todo, sink, progress, histories, res.family)
         finally:
@@ -295,7 +303,8 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
         result["missing_clips"] = len(missing)
         result["missing_clips_per_dataset"] = {ds: sum(r["dataset"] == ds for r in missing)
                                                for ds in sorted({r["dataset"] for r in missing})}
-        env.update(missing_clips=len(missing), frame_cache_hits=cache.hits, frame_cache_misses=cache.misses)
+        env.update(missing_clips=len(missing), frame_cache_hits=cache.hits, frame_cache_misses=cache.misses,
+                   prefetched_clips=ahead.close())
     if cfg.modality in ("audio", "av"):  # clips without sound ran with silence (mmla.audio)
         silent = [r for r in records if r.get("audio_track") is False]
         result["silent_clips"] = len(silent)
