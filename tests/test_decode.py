@@ -1,5 +1,6 @@
-"""The decoders (TorchCodec, the fast PyAV reader and the official PyAV scan give the same frames), the decode pool (the same predictions as the serial
-path, resume included) and the frame cache filled by two processes at once: real clips, a tiny Qwen2-VL."""
+"""The decoders (TorchCodec, the fast PyAV reader and the official PyAV scan give the same frames), the decode pool
+(the same predictions as the serial path, resume included) and the frame cache filled by two processes at once: real
+clips, a tiny Qwen2-VL."""
 
 import json
 import os
