@@ -4,9 +4,9 @@ Samples: the first --n MELD test utterances (real text), each with its own copy 
 clips in ../shared/data/videos (cycled: one with speech, one with a silent AAC track, one with no audio track),
 laid out as a data root as bench/video.py does.
 
-  loop       one clip at a time, as the Qwen2.5-Omni model card runs the thinker: decode the 4 frames and the
-             sound with PyAV every time, processor(text, videos, audio, load_audio_from_video=True),
-             `model.generate(use_audio_in_video=True)` with batch 1, greedy.
+  loop       one clip at a time, as the Qwen2.5-Omni model card runs the thinker: decode the 4 frames (the PyAV
+             scan, mmla.decode's "scan") and the sound with PyAV every time, processor(text, videos, audio,
+             load_audio_from_video=True), `model.generate(use_audio_in_video=True)` with batch 1, greedy.
   ours_cold  mmla's path (`inference._run`, what `predict --modality av` runs): a background thread decodes and
              encodes the next chunk while the model runs the current one, continuous batching of --batch-size
              rows; empty frame and audio caches (decodes + fills them).
@@ -48,7 +48,8 @@ def loop(model, processor, root: Path, examples, seam, decoding) -> list[str]:
     outs = []
     for e in examples:
         path = root / "MELD" / "video" / f"MELD_{e.id}.mp4"
-        clip = A.AvClip(V.decode_frames(path, seam.setting), A.decode_audio(path, seam.audio_setting))
+        frames = V.decode_frames(path, seam.setting, decoder="scan")  # the official construction, not mmla's reader
+        clip = A.AvClip(frames, A.decode_audio(path, seam.audio_setting))
         text = seam.chat([render("MELD", "infer_script", e.text, "test", "av")], "official")[0]
         inputs = dict(seam._process(text, clip))
         gen = model.generate(**inputs, max_new_tokens=decoding.max_new_tokens, do_sample=False,

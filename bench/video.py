@@ -4,12 +4,12 @@ Samples: the first --n MELD test utterances (real text), each paired with its ow
 real demo clips in ../shared/data/videos (cycled; copies, so no sample reuses another's decoded frames), laid
 out as a data root (<tmp>/MELD/test.tsv, <tmp>/MELD/video/MELD_<id>.mp4).
 
-  official   one clip at a time, as the official Qwen2-VL infer.py: decode 4 frames with PyAV every time
-             (np.linspace(0, total-1, 4), resized to 151,200 px), processor(text, videos), `model.generate`
-             with batch 1, greedy.
+  official   one clip at a time, as the official Qwen2-VL infer.py: decode 4 frames with the PyAV scan every time
+             (every frame from the start, keeping the sampled ones: mmla.decode's "scan"; np.linspace(0, total-1,
+             4), resized to 151,200 px), processor(text, videos), `model.generate` with batch 1, greedy.
   ours_cold  mmla's path (`inference._run` on the local backend, what `predict --modality video` runs): the decode pool
-             (mmla.decode, TorchCodec where it works, else PyAV) decodes the next chunks' clips and a background
-             thread encodes them while the model runs the current one, continuous batching of
+             (mmla.decode, TorchCodec where it works, else its fast PyAV reader) decodes the next chunks' clips and a
+             background thread encodes them while the model runs the current one, continuous batching of
              --batch-size rows (finished rows leave, queued ones join); empty frame cache (decodes + fills it).
   ours_warm  the same again, every clip's frames read from the frame cache (a repeated run).
 Same model, dtype, threads, frames and max_new_tokens; prints JSON (samples/s, speed-ups, how many
@@ -72,7 +72,7 @@ def official_loop(model, processor, root: Path, examples, setting, decoding) -> 
     seam = make_inputs(model, processor, setting)
     outs = []
     for e in examples:
-        frames = V.decode_frames(root / "MELD" / "video" / f"MELD_{e.id}.mp4", setting, decoder="pyav").array
+        frames = V.decode_frames(root / "MELD" / "video" / f"MELD_{e.id}.mp4", setting, decoder="scan").array
         text = seam.chat([render("MELD", "infer_script", e.text, "test", "video")], "official")[0]
         inputs = processor(text=[text], videos=[frames], padding=True, return_tensors="pt", add_special_tokens=False,
                            videos_kwargs=dict(do_resize=False, cap_pixels_per_frame=False)).to(model.device)
@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
                 "dtype": str(model.dtype).replace("torch.", ""), "n": n,
                 "identical_token_ids": sum(a == b for a, b in zip(outputs["ours_cold"], outputs["official"])),
                 "rate": round(sum(a == b for a, b in zip(outputs["ours_cold"], outputs["official"])) / n, 3)},
-            "video_decoder": {"official": "pyav", "ours": decoder_name(announce=False)},
+            "video_decoder": {"official": "scan", "ours": decoder_name(announce=False)},
             "decode_workers": args.decode_workers or default_workers(),
         }
     finally:

@@ -1,5 +1,6 @@
-"""The decoders (TorchCodec and PyAV give the same frames), the decode pool (the same predictions as the serial
-path, resume included) and the frame cache filled by two processes at once: real clips, a tiny Qwen2-VL."""
+"""The decoders (TorchCodec, the fast PyAV reader and the official PyAV scan give the same frames), the decode pool
+(the same predictions as the serial path, resume included) and the frame cache filled by two processes at once: real
+clips, a tiny Qwen2-VL."""
 
 import json
 import os
@@ -40,7 +41,7 @@ def test_torchcodec_and_pyav_give_the_same_frames(videos_dir, monkeypatch):
         return
     # PyAV alone: the process says so in one line and decodes with PyAV
     code = ("from mmla import decode, video as V; import sys; "
-            f"fr = V.decode_frames(sys.argv[1], V.FRAME_SETTINGS['official-infer']); "
+            "fr = V.decode_frames(sys.argv[1], V.FRAME_SETTINGS['official-infer']); "
             "print(decode.decoder_name(), fr.indices)")
     done = subprocess.run([sys.executable, "-c", code, str(videos_dir / REAL[1])], env=_env(), capture_output=True,
                           text=True, timeout=120)
@@ -53,6 +54,118 @@ def test_torchcodec_and_pyav_give_the_same_frames(videos_dir, monkeypatch):
     monkeypatch.setattr(decode, "_choice", None)
     with pytest.raises(ValueError, match=r"^\$MMLA_VIDEO_DECODER=torchcodec, but torchcodec"):
         decode.decoder_name()
+
+
+def _picker(setting: V.FrameSetting | None = None, fixed=None):
+    """pick() as video.decode_frames builds it (or fixed indices, a function of the frame count); it records the
+    metadata it was given, so that both readers can be seen to hand the sampler the same clip."""
+    seen = []
+
+    def pick(metadata, **_):
+        seen.append((metadata.total_num_frames, metadata.fps, metadata.duration))
+        total = int(metadata.total_num_frames)
+        if fixed is not None:
+            return np.asarray(fixed(total))
+        return np.unique(V.sample_indices(setting, total, metadata.duration, metadata.fps))
+
+    pick.seen = seen
+    return pick
+
+
+def _cases():
+    """Every official sampler (linspace, segments, fps-gap, fps), 1 frame, every frame, the last frames."""
+    cases = [(name, dict(setting=s)) for name, s in V.FRAME_SETTINGS.items()]
+    cases += [("1 frame", dict(setting=V.frame_setting("official-infer", num_frames=1))),
+              ("every frame", dict(fixed=lambda t: np.arange(t))),
+              ("the last frame", dict(fixed=lambda t: np.array([t - 1]))),
+              ("near the end", dict(fixed=lambda t: np.array([t - 5, t - 2, t - 1])))]
+    return cases
+
+
+def test_fast_pyav_reader_gives_the_scans_frames(videos_dir):
+    for name in REAL:
+        path = str(videos_dir / name)
+        for case, kw in _cases():
+            fast_pick, scan_pick, stats = _picker(**kw), _picker(**kw), {}
+            fast = decode.read_frames(path, fast_pick, "pyav", stats)
+            scan = decode.read_frames(path, scan_pick, "scan")
+            assert fast_pick.seen == scan_pick.seen, (name, case)  # the same metadata, hence the same indices
+            assert stats["reader"] == "fast", (name, case, stats)
+            assert fast.dtype == np.uint8 and fast.shape == scan.shape and np.array_equal(fast, scan), (name, case)
+    # through decode_frames: the same indices, metadata and resized frames
+    for name in REAL:
+        for setting in (V.FRAME_SETTINGS["official-infer"],):
+            a = V.decode_frames(videos_dir / name, setting, decoder="pyav")
+            b = V.decode_frames(videos_dir / name, setting, decoder="scan")
+            assert (a.indices, a.total_frames, a.video_fps, a.duration) == (
+                b.indices, b.total_frames, b.video_fps, b.duration), (name, setting.name)
+            assert np.array_equal(a.array, b.array), (name, setting.name)
+
+
+def test_fast_pyav_reader_decodes_fewer_frames(videos_dir):
+    for name in REAL:
+        stats = {}
+        pick = _picker(V.FRAME_SETTINGS["official-infer"])
+        decode.read_frames(str(videos_dir / name), pick, "pyav", stats)
+        total = pick.seen[0][0]
+        # the scan decodes every frame up to the last sampled one, here the clip's last: all of them
+        assert stats["reader"] == "fast" and 4 <= stats["decoded"] < total, (name, stats, total)
+    # every frame asked: the fast reader decodes them all (skip_frame is switched back per packet)
+    stats = {}
+    decode.read_frames(str(videos_dir / REAL[2]), _picker(fixed=lambda t: np.arange(t)), "pyav", stats)
+    assert stats == {"reader": "fast", "decoded": 219}
+
+
+def write_duplicate_pts(path, n=8, w=64, h=48):
+    """An mp4 (mpeg4) whose frames 2 and 3 carry the same pts: display order is not the pts ranks."""
+    from fractions import Fraction
+
+    import av
+
+    enc = av.CodecContext.create("mpeg4", "w")
+    enc.width, enc.height, enc.pix_fmt, enc.time_base, enc.framerate = w, h, "yuv420p", Fraction(1, 4), Fraction(4)
+    packets = []
+    for i in range(n):
+        f = av.VideoFrame.from_ndarray(np.full((h, w, 3), i * 29 % 255, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts = i
+        packets += enc.encode(f)
+    packets += enc.encode(None)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for k, p in enumerate(packets):
+            p.stream, p.time_base, p.dts = s, Fraction(1, 4), k
+            p.pts = k + (k == 2)
+            c.mux(p)
+    return path
+
+
+def test_fast_pyav_reader_falls_back_to_the_scan(videos_dir, tmp_path):
+    clip = str(write_duplicate_pts(tmp_path / "dup.mp4"))
+    for kw in (dict(fixed=lambda t: np.arange(t)), dict(fixed=lambda t: np.array([1, 3, 5]))):
+        stats = {}
+        fast = decode.read_frames(clip, _picker(**kw), "pyav", stats)
+        scan = decode.read_frames(clip, _picker(**kw), "scan")
+        assert stats["reader"] == "scan" and stats["why"] == "duplicate pts"
+        assert fast.shape == scan.shape and np.array_equal(fast, scan)
+    # an index past the clip: the scan returns the frames it has, and so does the reader
+    stats = {}
+    fast = decode.read_frames(str(videos_dir / REAL[1]), _picker(fixed=lambda t: np.array([0, 50, t + 3])), "pyav",
+                              stats)
+    scan = decode.read_frames(str(videos_dir / REAL[1]), _picker(fixed=lambda t: np.array([0, 50, t + 3])), "scan")
+    assert stats["reader"] == "scan" and stats["why"] == "a sampled index past the clip's frames"
+    assert fast.shape[0] == 2 and np.array_equal(fast, scan)
+    # a corrupt clip: the scan's own error
+    bad = str(write_corrupt(tmp_path / "bad.mp4"))
+    errors = []
+    for reader in ("pyav", "scan"):
+        with pytest.raises(Exception) as e:
+            decode.read_frames(bad, _picker(V.FRAME_SETTINGS["official-infer"]), reader)
+        errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1]
+    with pytest.raises(ValueError, match="unknown video decoder 'decord'"):
+        decode.read_frames(clip, _picker(V.FRAME_SETTINGS["official-infer"]), "decord")
 
 
 def test_pool_sizes_and_errors():

@@ -1,10 +1,17 @@
 """Reading a clip's frames, and the workers that read clips ahead of the model.
 
 Decoders. TorchCodec (`pip install 'mmla[torchcodec]'`; it needs FFmpeg's shared libraries) seeks to each sampled
-frame; PyAV (always installed, FFmpeg bundled) decodes the clip from its start to the last sampled frame. Both give
-the same frame indices and the same RGB pixels for the official samplers (tests/test_decode.py checks it on the real
-clips), so the frame cache does not key on the decoder. `decoder_name()` picks TorchCodec when it imports and its
-FFmpeg loads, else PyAV with one line on stderr saying why; $MMLA_VIDEO_DECODER=pyav|torchcodec forces one.
+frame. PyAV (always installed, FFmpeg bundled) reads with `read_frames_pyav`: one FFmpeg thread per clip, it maps
+each packet to its display index (the rank of its pts), decodes the sampled frames and the reference frames they
+need, lets FFmpeg skip the other non-reference frames (skip_frame NONREF: no frame is predicted from them, so the
+sampled pixels are bit-identical), and stops once it has every sampled frame; where one of its assumptions does not
+hold (a packet without pts, duplicate pts, a packet count other than the header's frame count, an unexpected frame,
+a missing frame, any error) it reads with the scan instead. The scan (`read_frames_scan`, decoder "scan") is the
+official construction, transformers' `load_video(backend="pyav")`: every frame from the start, keeping those whose
+decode index is sampled; the benchmarks' baselines use it. All give the same frame indices and the same RGB pixels
+for the official samplers (tests/test_decode.py checks it on the real clips), so the frame cache does not key on the
+decoder. `decoder_name()` picks TorchCodec when it imports and its FFmpeg loads, else PyAV with one line on stderr
+saying why; $MMLA_VIDEO_DECODER=pyav|torchcodec forces one.
 
 Workers. `DecodePool` runs frame loads on a few threads (decoding and resizing release the GIL), first in first out,
 so the clips of the next batches decode while the model runs the current ones. One worker means no thread: each
@@ -13,6 +20,7 @@ load runs when it is submitted, in the caller's thread (the serial path).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
@@ -22,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 DECODERS = ("torchcodec", "pyav")
+READERS = (*DECODERS, "scan")  # "scan": the official full PyAV scan, the baselines' reference
 MAX_WORKERS = 8  # past this, threads fight over the same cores as the processor and the model
 
 _choice: tuple[str, str | None] | None = None  # (decoder, why not torchcodec), once per process
@@ -31,7 +40,7 @@ _choice_lock = threading.Lock()
 def _torchcodec_problem() -> str | None:
     """None when TorchCodec imports and its FFmpeg libraries load; else the reason, in one line."""
     try:
-        from torchcodec.decoders import VideoDecoder  # noqa: F401  (loads FFmpeg: raises when it is absent)
+        importlib.import_module("torchcodec.decoders")  # loads FFmpeg: raises when it is absent
     except ImportError:
         return "torchcodec is not installed"
     except Exception as e:  # RuntimeError/OSError: no usable FFmpeg libraries
@@ -58,16 +67,115 @@ def decoder_name(announce: bool = True) -> str:
         return _choice[0]
 
 
-def read_frames(path: str, pick: Callable, decoder: str | None = None) -> np.ndarray:
+def read_frames(path: str, pick: Callable, decoder: str | None = None, stats: dict | None = None) -> np.ndarray:
     """(len(unique indices), H, W, 3) uint8 RGB frames of the clip. `pick(metadata)` gets an object with
-    total_num_frames, fps and duration and returns the sorted unique frame indices to read."""
+    total_num_frames, fps and duration and returns the sorted unique frame indices to read. decoder: 'torchcodec',
+    'pyav' (the fast PyAV reader), 'scan' (the official full PyAV scan) or None (`decoder_name()`). `stats`, when
+    given, receives what the PyAV reader did (see `read_frames_pyav`)."""
     decoder = decoder or decoder_name()
     if decoder == "torchcodec":
         return _read_torchcodec(path, pick)
+    if decoder == "scan":
+        return read_frames_scan(path, pick)
+    if decoder != "pyav":
+        raise ValueError(f"unknown video decoder '{decoder}' (known: {', '.join(READERS)})")
+    return read_frames_pyav(path, pick, stats)
+
+
+def read_frames_scan(path: str, pick: Callable) -> np.ndarray:
+    """The official construction (the MMLA scripts, transformers' read_video_pyav): decode every frame from the
+    start in display order and keep those whose enumeration index is sampled."""
     from transformers.video_utils import load_video
 
     video, _ = load_video(str(path), backend="pyav", sample_indices_fn=pick)
     return np.asarray(video)
+
+
+class _Fallback(Exception):
+    """An assumption of the fast reader does not hold for this clip: the scan reads it."""
+
+
+def read_frames_pyav(path: str, pick: Callable, stats: dict | None = None) -> np.ndarray:
+    """The scan's frames (same indices, same pixels), decoding only what they need; the scan where unsure.
+    `stats` gets reader ('fast' or 'scan'), decoded (frames the fast reader decoded; on the scan, those it decoded
+    before giving up) and, on the scan, why."""
+    stats = {} if stats is None else stats
+    stats.clear()
+    try:
+        video = _read_fast(str(path), pick, stats)
+        stats["reader"] = "fast"
+        return video
+    except Exception as e:  # _Fallback, or any error: the scan gives today's result (its errors included)
+        stats["reader"], stats["why"] = "scan", (str(e) if isinstance(e, _Fallback) else f"{type(e).__name__}: {e}")
+    return read_frames_scan(path, pick)
+
+
+def _read_fast(path: str, pick: Callable, stats: dict) -> np.ndarray:
+    import av
+    from transformers.video_utils import VideoMetadata
+
+    stats["decoded"] = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        # the metadata read_video_pyav gives `pick`, so that the same indices come back
+        total, rate = stream.frames, stream.average_rate
+        if not total or not rate:
+            raise _Fallback("no frame count or frame rate in the header")
+        meta = VideoMetadata(total_num_frames=int(total), fps=float(rate), duration=float(total / rate),
+                             video_backend="pyav", height=stream.height, width=stream.width)
+        indices = np.asarray(pick(metadata=meta))
+        if indices.ndim != 1 or len(indices) == 0 or not np.issubdtype(indices.dtype, np.integer):
+            raise _Fallback("the sampler gave no integer indices")
+        # the scan keeps frame i when 0 <= i <= indices[-1] and i is in indices
+        wanted = [int(i) for i in np.unique(indices) if 0 <= i <= indices[-1]]
+        if not wanted or wanted[-1] >= total:
+            raise _Fallback("a sampled index past the clip's frames")
+
+        container.seek(0)  # as read_video_pyav does before its scan (and fails where it fails)
+        packets = [p for p in container.demux(stream) if p.size]  # the last, empty packet is the demuxer's flush
+        pts = [p.pts for p in packets]
+        if any(t is None for t in pts):
+            raise _Fallback("a packet without pts")
+        if len(set(pts)) != len(pts):
+            raise _Fallback("duplicate pts")
+        if len(packets) != total:
+            raise _Fallback(f"{len(packets)} packets, the header says {total} frames")
+        if not packets[0].is_keyframe or any(p.is_discard or p.is_corrupt for p in packets):
+            raise _Fallback("the stream does not start on a keyframe, or has discarded or corrupt packets")
+        # the scan's index of a frame is its position in display order: the rank of its pts
+        rank = {t: i for i, t in enumerate(sorted(pts))}
+        sampled = set(wanted)
+        last = max(k for k, p in enumerate(packets) if rank[p.pts] in sampled)  # decode order
+
+        cc = stream.codec_context
+        cc.thread_count = 1  # one FFmpeg thread per clip: the decode pool runs several clips at once
+        got: dict[int, np.ndarray] = {}
+        shown = -1
+
+        def take(frames) -> None:
+            nonlocal shown
+            for f in frames:
+                stats["decoded"] += 1
+                r = rank.get(f.pts)
+                if r is None or r <= shown:  # not a packet's pts, or out of display order: the ranks would lie
+                    raise _Fallback(f"a decoded frame with pts {f.pts} out of the expected order")
+                shown = r
+                if r in sampled:
+                    got[r] = f.to_ndarray(format="rgb24")  # transformers' conversion
+
+        for p in packets[: last + 1]:
+            # Non-reference frames are never used to predict another frame: skipping the ones not sampled leaves
+            # every sampled frame bit-identical (FFmpeg reads skip_frame per packet; tests count the frames).
+            cc.skip_frame = "DEFAULT" if rank[p.pts] in sampled else "NONREF"
+            take(cc.decode(p))
+            if len(got) == len(wanted):
+                break
+        else:  # every sampled packet sent; the reorder buffer may still hold some of their frames
+            cc.skip_frame = "DEFAULT"
+            take(cc.decode(None))
+        if len(got) != len(wanted):
+            raise _Fallback(f"{len(got)} of {len(wanted)} sampled frames decoded")
+    return np.stack([got[i] for i in wanted])
 
 
 class _Meta:
