@@ -111,8 +111,7 @@ def read_frames_pyav(path: str, pick: Callable, stats: dict | None = None) -> np
 
 
 def _read_fast(path: str, pick: Callable, stats: dict) -> np.ndarray:
-    import av
-    from transformers.video_utils import VideoMetadata
+    import av  # no transformers here: a prefetch child decodes while its parent imports it (mmla.prefetch)
 
     stats["decoded"] = 0
     with av.open(path) as container:
@@ -121,8 +120,7 @@ def _read_fast(path: str, pick: Callable, stats: dict) -> np.ndarray:
         total, rate = stream.frames, stream.average_rate
         if not total or not rate:
             raise _Fallback("no frame count or frame rate in the header")
-        meta = VideoMetadata(total_num_frames=int(total), fps=float(rate), duration=float(total / rate),
-                             video_backend="pyav", height=stream.height, width=stream.width)
+        meta = _Meta(int(total), float(rate), float(total / rate))
         indices = np.asarray(pick(metadata=meta))
         if indices.ndim != 1 or len(indices) == 0 or not np.issubdtype(indices.dtype, np.integer):
             raise _Fallback("the sampler gave no integer indices")
