@@ -1,6 +1,5 @@
 """Clips, frame settings, decoding, the frame cache and `mmla check-data`: real demo clips and synthetic ones."""
 
-import json
 import os
 import shutil
 import subprocess
