@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -96,20 +97,25 @@ def _clips(cfg) -> list[Path]:
 
 def _work(cfg, setting: video_mod.FrameSetting, count, halt) -> None:
     """The child: decode every clip of the run into the frame cache, quietly (the parent reports errors), until
-    the parent's own decode pool starts."""
-    from . import decode
+    the parent's own decode pool starts, the parent is gone, or the clips are done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops this child
+    parent = os.getppid()
+    try:
+        from . import decode
 
-    decode.decoder_name(announce=False)  # the parent says which decoder, once
-    cache = video_mod.FrameCache()
-    for path in _clips(cfg):
-        if halt.is_set():
-            return
-        try:
-            video_mod.load_frames(path, setting, cache)
-        except Exception:  # a bad clip: the parent meets it again and records it per row
-            continue
-        with count.get_lock():
-            count.value += 1
+        decode.decoder_name(announce=False)  # the parent says which decoder, once
+        cache = video_mod.FrameCache()
+        for path in _clips(cfg):
+            if halt.is_set() or os.getppid() != parent:
+                return
+            try:
+                video_mod.load_frames(path, setting, cache)
+            except Exception:  # a bad clip: the parent meets it again and records it per row
+                continue
+            with count.get_lock():
+                count.value += 1
+    except Exception:  # whatever goes wrong here, the parent decodes the clips itself
+        return
 
 
 class Prefetch:
