@@ -28,6 +28,10 @@ directory, put on its PYTHONPATH) that sets qwen-vl-utils' FPS_MAX_FRAMES to 4 w
 gets 4 frames, as max_num_frames=4 asks; nothing else of lmms-eval or qwen-vl-utils is touched. --lmms-frames stock
 runs lmms-eval untouched (more frames for 3 of every 4 clips: more decoding and more vision tokens on its side).
 Both sides get max_pixels=151200 (lmms-eval: model_args max_pixels, min_pixels 3136).
+Padding. lmms-eval 0.7.3's qwen2_vl pads a batch on the tokenizer's side (its qwen2_5_vl and qwen3_vl set left; this
+one does not), and the tiny model's tokenizer saves "right": the shorter rows of a batch then generate after their
+pads. With --padding left (the default) the bench writes padding_side "left" into the model's tokenizer_config.json;
+mmla pads left whatever the file says, so only lmms-eval's side changes. --padding checkpoint leaves the file.
 Differences that remain (the outputs of a random model follow them):
   - frame indices: qwen-vl-utils rounds torch.linspace(0, total-1, 4), mmla floors np.linspace: one of the 4
     frames is the next frame (on these clips: 32 vs 31 of 96, 97 vs 96 of 146, 73 vs 72 of 219);
