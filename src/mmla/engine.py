@@ -25,7 +25,7 @@ instruction's first words: about a quarter of an MMLA prompt) once, not once per
 from __future__ import annotations
 
 import copy
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -214,12 +214,19 @@ class _Chooser:
         # Sampling with top_k=1 (Qwen2-VL-Instruct's shipped config) always takes the top token: greedy.
         self.sample = bool(decoding.do_sample) and gc.top_k != 1
         self.history = any(not isinstance(p, _WARPERS) for p in self.processors)
-        self.seqs = seqs
+        self.device = device_of(model)
+        self.seqs: list[list[int]] = []
         self.gens: dict[int, torch.Generator] = {}
+        self.add(seqs, seeds)
+
+    def add(self, seqs: list[list[int]], seeds: list[int] | None) -> None:
+        """Rows that join (indices continue from the rows before them); `seeds`: theirs, when sampling."""
+        start = len(self.seqs)
+        self.seqs += seqs
         if self.sample:
-            for i in range(len(seqs)):
-                self.gens[i] = torch.Generator(device=device_of(model))
-                self.gens[i].manual_seed(int(seeds[i]) if seeds is not None else i)
+            for k in range(len(seqs)):
+                self.gens[start + k] = torch.Generator(device=self.device)
+                self.gens[start + k].manual_seed(int(seeds[k]) if seeds is not None else start + k)
 
     def __call__(self, logits: torch.Tensor, index: list[int], out: dict[int, list[int]]) -> torch.Tensor:
         scores = logits.float()
@@ -237,8 +244,17 @@ class _Chooser:
         return torch.cat([torch.multinomial(probs[r], 1, generator=self.gens[i]) for r, i in enumerate(index)])
 
 
+class Arrivals(Protocol):
+    """Rows that arrive while generation runs (mmla.inference feeds the prepared clips of the next chunks)."""
+
+    def take(self, wait: bool) -> tuple[list[Row], list[int] | None] | None:
+        """(rows, their sampling seeds or None) that have arrived since the last call ([] when none yet, or, with
+        `wait`, the next ones once they come); None when no more will come."""
+
+
 def _decode(model, inputs: TextInputs, rows: list[Row], max_new_tokens: int, eos: torch.Tensor, batch_size: int,
-            choose: _Chooser, on_done: Callable[[int, list[int]], None], refill_at: int | None = None) -> None:
+            choose: _Chooser, on_done: Callable[[int, list[int]], None], refill_at: int | None = None,
+            more: Arrivals | None = None) -> None:
     """Continuation of every row with continuous batching; on_done(i, new_tokens) as each finishes.
 
     Up to `batch_size` rows decode together. A row leaves the batch (and the KV cache) as soon as it emits EOS or
@@ -246,23 +262,50 @@ def _decode(model, inputs: TextInputs, rows: list[Row], max_new_tokens: int, eos
     are prefilled (in groups of similar length and the same media shapes, so there is little padding) and join the
     running rows, so the batch stays full while long answers finish. This matters most on CPU, where a decode step
     costs nearly as much for a few rows as for 16: it reads every weight once.
+
+    `more`: rows that arrive while these decode (the clips of the next chunks, decoded meanwhile). They join the
+    queue as they come (each step takes what has arrived); the loop waits for them only when it has nothing to run.
+    Their indices continue after `rows`'.
     """
+    rows = list(rows)
     queue = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
-    prefix = _shared_prefix(model, inputs, rows)
+    prefix = _shared_prefix(model, inputs, rows) if rows else None
     skip = prefix.length if prefix else 0
     refill_at = refill_at or max(1, batch_size // 4)
     out: dict[int, list[int]] = {}
     running: _Rows | None = None
-    while queue or running:
+    while queue or running or more is not None:
+        # rows that arrived: into the queue (a batch's worth waiting at most, so that prepared media do not pile
+        # up; wait for some only when there is nothing to run)
+        while more is not None and len(queue) < batch_size:
+            got = more.take(wait=running is None and not queue)
+            if got is None:
+                more = None
+            elif got[0]:
+                new_rows, seeds = got
+                choose.add([r.ids for r in new_rows], seeds)
+                if not rows:  # the first rows to come: the prefix they share is run once, as for rows given
+                    prefix = _shared_prefix(model, inputs, new_rows)
+                    skip = prefix.length if prefix else 0
+                rows += new_rows
+                queue = sorted(queue + list(range(len(rows) - len(new_rows), len(rows))),
+                               key=lambda i: -len(rows[i].ids))
+            else:
+                break
+        if not queue and running is None:
+            continue
         while queue and (running is None or (running.mergeable and batch_size - len(running) >= refill_at)):
             free = batch_size - (len(running) if running else 0)
             key = rows[queue[0]].key
             same = [i for i in queue if rows[i].key == key][:free]
-            take = _prefill_rows([len(rows[i].ids) - skip for i in same])
+            # a row that does not begin with the shared prefix (one that arrived later) is prefilled whole
+            fits = prefix is None or all(rows[i].ids[:prefix.length] == prefix.ids and len(rows[i].ids) > prefix.length
+                                         for i in same)
+            take = _prefill_rows([len(rows[i].ids) - (skip if fits else 0) for i in same])
             group = same[:take]
             taken = set(group)
             queue = [i for i in queue if i not in taken]
-            new = _Rows(model, inputs, [rows[i] for i in group], group, prefix)
+            new = _Rows(model, inputs, [rows[i] for i in group], group, prefix if fits else None)
             if running is None:
                 running = new
             else:
@@ -315,6 +358,7 @@ def generate(
     seed: int | None = None,
     seeds: list[int] | None = None,
     on_result: Callable[[int, str], None] | None = None,
+    more: Arrivals | None = None,
 ) -> list[str]:
     """Generated text for each prompt (a chat-wrapped string or an `inputs.Row`), in input order; stops at EOS.
 
@@ -322,15 +366,16 @@ def generate(
     arguments) says greedy or sampling; `seeds` gives each row its own random generator when sampling (`seed`
     alone: row i gets a generator seeded from (seed, i)).
     `on_result(index, text)` is called as each prompt completes, so a caller can write results to disk as they come.
+    `more`: rows that arrive while these run (see `_decode`); their texts follow these, in arrival order.
     """
     inputs, rows = _as_rows(model, inputs, prompts)
-    if not rows:
+    if not rows and more is None:
         return []
     decoding = decoding or Decoding(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                     repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens)
     tok = inputs.tokenizer
     eos_list = eos_ids(model, tok)
-    texts: list[str | None] = [None] * len(rows)
+    texts: dict[int, str] = {}
 
     def done(i: int, tokens: list[int]) -> None:
         texts[i] = tok.decode(tokens, skip_special_tokens=True)
@@ -341,8 +386,8 @@ def generate(
         seeds = [seed * 1_000_003 + i for i in range(len(rows))]
     choose = _Chooser(model, decoding, seeds, [r.ids for r in rows])
     _decode(model, inputs, rows, decoding.max_new_tokens, torch.tensor(eos_list, device=device_of(model)), batch_size,
-            choose, done)
-    return texts
+            choose, done, more=more)
+    return [texts[i] for i in range(len(texts))]
 
 
 # ---------------------------------------------------------------- scoring

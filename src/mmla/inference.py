@@ -382,10 +382,14 @@ def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict 
             "offload_folder": str(out / "offload" / f"rank{ranks.rank}")}
 
 
-def _chunks(cfg, n: int, video: bool) -> list[list[int]]:
+def _chunks(cfg, n: int, video: bool, streaming: bool = False) -> list[list[int]]:
     """Text: one chunk. Video: a first chunk of one batch, so the model starts while the next chunk's clips decode,
-    then chunks of four batches."""
-    sizes = [n] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * n
+    then chunks of four batches. Streaming (rows join a running batch as their chunk is ready): a first chunk of a
+    quarter batch, so the model starts after a few clips, then chunks of one batch."""
+    if streaming:
+        sizes = [max(1, cfg.batch_size // 4)] + [cfg.batch_size] * n
+    else:
+        sizes = [n] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * n
     chunks, start = [], 0
     for size in sizes:
         if start >= n:
@@ -395,15 +399,38 @@ def _chunks(cfg, n: int, video: bool) -> list[list[int]]:
     return chunks
 
 
+class _Arrivals:
+    """The prepared chunks, handed to the engine as each is ready (mmla.engine.Arrivals); chunk k+1 is prepared
+    once chunk k is taken, so at most one prepared chunk waits outside the engine."""
+
+    def __init__(self, submit, n: int, arrive):
+        self.submit, self.n, self.arrive = submit, n, arrive
+        self.k, self.waited = 0, 0.0  # waited: seconds the model stood idle for a chunk (not model time)
+        self.pending = submit(0) if n else None
+
+    def take(self, wait: bool):
+        if self.k >= self.n:
+            return None
+        if not wait and not self.pending.done():
+            return [], None
+        t0 = time.perf_counter()
+        p = self.pending.result()
+        self.waited += time.perf_counter() - t0
+        self.k += 1
+        if self.k < self.n:
+            self.pending = self.submit(self.k)
+        return self.arrive(p)
+
+
 class _Stager:
     """The clips of the chunks ahead: found, and their frames queued on the decode pool (first in, first decoded).
     Only _run's prepare thread uses it."""
 
-    def __init__(self, cfg, todo, load, cache):
+    def __init__(self, cfg, todo, load, cache, streaming: bool = False):
         from .decode import DecodePool
 
         self.todo, self.load, self.cache = todo, load, cache
-        self.chunks = _chunks(cfg, len(todo), True)
+        self.chunks = _chunks(cfg, len(todo), True, streaming)
         self.finder = video_mod.ClipFinder(cfg.data)
         self.pool = DecodePool(cfg.decode_workers)
         self.staged: dict[int, list] = {}  # chunk -> its (clip, frames future or None)
@@ -440,7 +467,9 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
     from .resolve import clean_output
 
     video = backend.modality in CLIP_MODALITIES
-    stager = _Stager(cfg, todo, backend.load_clip, cache) if video else None
+    # clips: generation takes each chunk's rows into the running batch as they are ready (one generate call)
+    streaming = video and cfg.mode == "generate" and getattr(backend, "streams", False)
+    stager = _Stager(cfg, todo, backend.load_clip, cache, streaming) if video else None
     row = row if cfg.protocol == "official" else None  # the resolver's family row: what is decoded, the cleanup
     whole = row is not None and row.decoded == "whole" and cfg.mode == "generate"
     root = Path(cfg.data)
@@ -516,10 +545,26 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
     seeds = [row_seed(cfg.seed, e.dataset, e.id, k) for e, k in todo]
     new_tokens = decoding.max_new_tokens if cfg.mode == "generate" else 0
     past_context: list[str] = []  # "dataset id" of each row longer than the model's context
+    def arrive(p: dict) -> tuple[list, list[int] | None]:
+        """A prepared chunk reaching the model: its failed rows are written, the rest numbered for on_result."""
+        for j in range(len(p["chunk"])):
+            if p["errors"][j] or "refused" in p["context"].get(j, {}):
+                record(p, j, "")
+        owners.extend((p, j) for j in p["ok"])
+        return p["rows"], [seeds[p["chunk"][j]] for j in p["ok"]] if decoding.do_sample else None
+
+    owners: list[tuple[dict, int]] = []  # streaming: the engine's row number -> (chunk, row in it)
     try:
         with ThreadPoolExecutor(max_workers=1) as ahead:
-            pending = ahead.submit(prepare, 0)
-            for k in range(len(chunks)):
+            if streaming:
+                arrivals = _Arrivals(lambda c: ahead.submit(prepare, c), len(chunks), arrive)
+                t0 = time.perf_counter()
+                run = backend.sample if decoding.do_sample else backend.generate
+                run([], decoding=decoding, batch_size=cfg.batch_size, **({"seeds": []} if decoding.do_sample else {}),
+                    on_result=lambda i, text: record(*owners[i], text), more=arrivals)
+                timing["seconds_model"] += time.perf_counter() - t0 - arrivals.waited
+            pending = ahead.submit(prepare, 0) if not streaming else None
+            for k in range(len(chunks) if not streaming else 0):
                 p = pending.result()
                 if k + 1 < len(chunks):
                     pending = ahead.submit(prepare, k + 1)

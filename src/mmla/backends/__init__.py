@@ -45,7 +45,11 @@ class Options:
 @runtime_checkable
 class Backend(Protocol):
     """What the predict loop calls. Rows are whatever `prepare` returned; `on_result(i, value)` gets row i's
-    answer (a string, or a Scored) as soon as it is done, in any order."""
+    answer (a string, or a Scored) as soon as it is done, in any order.
+
+    Optional: a backend with `streams = True` takes `more=` in generate and sample (an mmla.engine.Arrivals: rows
+    that arrive while these run, numbered after them), so that the clips of the next chunks join a running batch;
+    without it the loop calls generate once per chunk."""
 
     modality: str  # "text", "video", "audio" or "av": what `prepare` takes
     setting: Any  # video, av: the frame setting its rows use (None otherwise)

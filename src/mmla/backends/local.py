@@ -57,16 +57,19 @@ class LocalBackend:
     def excess(self, rows, new_tokens: int) -> list[int]:
         return self.inputs.excess(rows, new_tokens)
 
-    def generate(self, rows, *, decoding, batch_size, on_result) -> None:
+    streams = True  # generate and sample take `more`: rows that join the batch as they are prepared
+
+    def generate(self, rows, *, decoding, batch_size, on_result, more=None) -> None:
         from .. import engine
 
-        engine.generate(self.model, self.inputs, rows, decoding=decoding, batch_size=batch_size, on_result=on_result)
+        engine.generate(self.model, self.inputs, rows, decoding=decoding, batch_size=batch_size, on_result=on_result,
+                        more=more)
 
-    def sample(self, rows, *, decoding, seeds, batch_size, on_result) -> None:
+    def sample(self, rows, *, decoding, seeds, batch_size, on_result, more=None) -> None:
         from .. import engine
 
         engine.generate(self.model, self.inputs, rows, decoding=decoding, batch_size=batch_size, seeds=seeds,
-                        on_result=on_result)
+                        on_result=on_result, more=more)
 
     def score(self, rows, *, batch_size, on_result) -> None:
         from .. import engine
