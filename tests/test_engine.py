@@ -252,3 +252,44 @@ def test_sampler_first_token_distribution_matches_generate(tiny):
     assert len(cats) >= 4  # a real spread of tokens, not one dominant answer
     table = [[ours.count(c) for c in cats], [theirs.count(c) for c in cats]]
     assert chi2_contingency(table).pvalue > 0.01
+
+
+class _Pieces:
+    """Rows that arrive in pieces (as mmla.prefetch.Arrivals hands the engine prepared chunks): piece k is ready
+    only after the engine has asked `delay[k]` times without waiting."""
+
+    def __init__(self, pieces, delay):
+        self.pieces, self.delay, self.asked = list(pieces), list(delay), 0
+
+    def take(self, wait):
+        if not self.pieces:
+            return None
+        self.asked += 1
+        if not wait and self.asked < self.delay[0]:
+            return [], None
+        self.asked = 0
+        self.delay.pop(0)
+        return self.pieces.pop(0)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_rows_that_arrive_while_others_decode(tiny, sample):
+    """Rows handed over in pieces while others decode (greedy, and sampled with per-row seeds) get the answers
+    they get in one call; with nothing given up front, the first piece is waited for."""
+    model, tok = tiny["qwen2"]
+    prompts = [f"question {i}: " + "x " * (i % 7) for i in range(11)]
+    dec = Decoding(do_sample=sample, temperature=0.7, top_k=20, max_new_tokens=10)
+    seeds = [500 + i for i in range(11)]
+    whole = engine.generate(model, tok, prompts, batch_size=4, decoding=dec, seeds=seeds if sample else None)
+    assert len(set(whole)) > 1  # rows tell apart: a mix-up of indices would show
+    rows = TextInputs(model, tok).encode(prompts)
+    cuts = [(0, 1), (1, 5), (5, 6), (6, 11)]
+    pieces = [(rows[a:b], seeds[a:b] if sample else None) for a, b in cuts]
+    seen = {}
+    texts = engine.generate(model, tok, [], batch_size=4, decoding=dec, seeds=[] if sample else None,
+                            more=_Pieces(pieces, [1, 3, 9, 2]), on_result=lambda i, t: seen.setdefault(i, t))
+    assert texts == whole and seen == dict(enumerate(whole))
+    # some rows given up front, the rest arriving
+    head = engine.generate(model, tok, rows[:3], batch_size=4, decoding=dec, seeds=seeds[:3] if sample else None,
+                           more=_Pieces([(rows[3:], seeds[3:] if sample else None)], [4]))
+    assert head == whole

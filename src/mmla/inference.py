@@ -26,7 +26,7 @@ from . import backends
 from . import data as data_mod
 from . import distributed
 from . import video as video_mod
-from .prefetch import Prefetch
+from .prefetch import Arrivals, Prefetch, Stager, chunks_of
 from .evaluation import evaluate_samples, parse_output
 from .prompts import PROTOCOLS, Decoding, candidates, render
 from .resolve import CLIP_MODALITIES, MODALITIES
@@ -382,84 +382,11 @@ def _placement(cfg: PredictConfig, out: Path, ranks: distributed.Ranks) -> dict 
             "offload_folder": str(out / "offload" / f"rank{ranks.rank}")}
 
 
-def _chunks(cfg, n: int, video: bool, streaming: bool = False) -> list[list[int]]:
-    """Text: one chunk. Video: a first chunk of one batch, so the model starts while the next chunk's clips decode,
-    then chunks of four batches. Streaming (rows join a running batch as their chunk is ready): a first chunk of a
-    quarter batch, so the model starts after a few clips, then chunks of one batch."""
-    if streaming:
-        sizes = [max(1, cfg.batch_size // 4)] + [cfg.batch_size] * n
-    else:
-        sizes = [n] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * n
-    chunks, start = [], 0
-    for size in sizes:
-        if start >= n:
-            break
-        chunks.append(list(range(start, min(start + size, n))))
-        start += size
-    return chunks
-
-
-class _Arrivals:
-    """The prepared chunks, handed to the engine as each is ready (mmla.engine.Arrivals); chunk k+1 is prepared
-    once chunk k is taken, so at most one prepared chunk waits outside the engine."""
-
-    def __init__(self, submit, n: int, arrive):
-        self.submit, self.n, self.arrive = submit, n, arrive
-        self.k, self.waited = 0, 0.0  # waited: seconds the model stood idle for a chunk (not model time)
-        self.pending = submit(0) if n else None
-
-    def take(self, wait: bool):
-        if self.k >= self.n:
-            return None
-        if not wait and not self.pending.done():
-            return [], None
-        t0 = time.perf_counter()
-        p = self.pending.result()
-        self.waited += time.perf_counter() - t0
-        self.k += 1
-        if self.k < self.n:
-            self.pending = self.submit(self.k)
-        return self.arrive(p)
-
-
-class _Stager:
-    """The clips of the chunks ahead: found, and their frames queued on the decode pool (first in, first decoded).
-    Only _run's prepare thread uses it."""
-
-    def __init__(self, cfg, todo, load, cache, streaming: bool = False):
-        from .decode import DecodePool
-
-        self.todo, self.load, self.cache = todo, load, cache
-        self.chunks = _chunks(cfg, len(todo), True, streaming)
-        self.finder = video_mod.ClipFinder(cfg.data)
-        self.pool = DecodePool(cfg.decode_workers)
-        self.staged: dict[int, list] = {}  # chunk -> its (clip, frames future or None)
-        self.stage(0)
-        if self.pool.parallel:
-            self.stage(1)
-
-    def stage(self, c: int) -> None:
-        if c < len(self.chunks) and c not in self.staged:
-            clips = [self.finder.find(self.todo[i][0].dataset, self.todo[i][0].id) for i in self.chunks[c]]
-            self.staged[c] = [(clip, self.pool.submit(self.load, clip.path, self.cache)
-                               if clip.path is not None else None) for clip in clips]
-
-    def take(self, c: int) -> list:
-        """Chunk c's clips and frame futures; the pool goes on with chunk c+1 while c is encoded and c-1 runs."""
-        self.stage(c)
-        if self.pool.parallel:
-            self.stage(c + 1)
-        return self.staged.pop(c)
-
-    def close(self) -> None:
-        self.pool.close()
-
-
 def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppender, progress: bool,
          histories: list | None = None, row=None) -> dict:
     """Prepare chunk k+1 (prompts, clips, frames, token ids) in a background thread while the model runs chunk k.
     Text is one chunk (the length sort and continuous batching see every prompt); video goes in chunks of a few
-    batches, so only their frames are in memory. With several decode workers (mmla.decode.DecodePool, in `_Stager`)
+    batches, so only their frames are in memory. With several decode workers (mmla.decode.DecodePool, in `prefetch.Stager`)
     the clips of chunk k+2 decode while chunk k+1 is encoded and chunk k runs: at most three chunks of frames in
     memory."""
     from tqdm.auto import tqdm
@@ -469,7 +396,7 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
     video = backend.modality in CLIP_MODALITIES
     # clips: generation takes each chunk's rows into the running batch as they are ready (one generate call)
     streaming = video and cfg.mode == "generate" and getattr(backend, "streams", False)
-    stager = _Stager(cfg, todo, backend.load_clip, cache, streaming) if video else None
+    stager = Stager(cfg, todo, backend.load_clip, cache, streaming) if video else None
     row = row if cfg.protocol == "official" else None  # the resolver's family row: what is decoded, the cleanup
     whole = row is not None and row.decoded == "whole" and cfg.mode == "generate"
     root = Path(cfg.data)
@@ -541,7 +468,7 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
         sink.write(rec)
         bar.update(1)
 
-    chunks = stager.chunks if video else _chunks(cfg, len(todo), False)
+    chunks = stager.chunks if video else chunks_of(cfg, len(todo), False)
     seeds = [row_seed(cfg.seed, e.dataset, e.id, k) for e, k in todo]
     new_tokens = decoding.max_new_tokens if cfg.mode == "generate" else 0
     past_context: list[str] = []  # "dataset id" of each row longer than the model's context
@@ -557,7 +484,7 @@ def _run(cfg, backend: backends.Backend, decoding, cache, todo, sink: JsonlAppen
     try:
         with ThreadPoolExecutor(max_workers=1) as ahead:
             if streaming:
-                arrivals = _Arrivals(lambda c: ahead.submit(prepare, c), len(chunks), arrive)
+                arrivals = Arrivals(lambda c: ahead.submit(prepare, c), len(chunks), arrive)
                 t0 = time.perf_counter()
                 run = backend.sample if decoding.do_sample else backend.generate
                 run([], decoding=decoding, batch_size=cfg.batch_size, **({"seeds": []} if decoding.do_sample else {}),

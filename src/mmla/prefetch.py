@@ -1,10 +1,10 @@
-"""Clips decoded while the process starts: a child process fills the frame cache as the parent imports and loads.
+"""Clips read ahead of the model: at start-up in a child process, and during the run in chunks that join the batch.
 
-A fresh `mmla predict` on video spends its first seconds importing torch and transformers and loading the model,
-on one core, holding the GIL. Those seconds are free for decoding on another core, but not in a thread of the same
-process (a decode thread waits for the GIL between frames). So, before torch is imported, the parent forks one
-child that decodes the run's clips, in row order, into the frame cache, and goes on until the parent's own decode
-pool starts (`Prefetch.stop`). The parent then finds those clips as cache hits.
+At start-up (`Prefetch`). A fresh `mmla predict` on video spends its first seconds importing torch and transformers
+and loading the model, on one core, holding the GIL. Those seconds are free for decoding on another core, but not
+in a thread of the same process (a decode thread waits for the GIL between frames). So, before torch is imported,
+the parent forks one child that decodes the run's clips, in row order, into the frame cache, and goes on until the
+parent's own decode pool starts (`Prefetch.stop`). The parent then finds those clips as cache hits.
 
 The child knows the frame setting before the model is loaded only by guessing it from the model directory's JSON
 files (the resolver needs transformers' config classes, which is what is being waited for). A wrong guess costs
@@ -13,6 +13,10 @@ time, never results: the cache keys on the setting, so frames of another setting
 Nothing is prefetched when it cannot help or could hurt: torch already imported (a library caller: forking a
 process with torch's threads is unsafe, and the imports are not ahead anyway), the frame cache off, a data-parallel
 rank (each rank decodes only its share), a served model, or no model directory to read.
+
+During the run (`chunks_of`, `Stager`, `Arrivals`). Rows with clips go in chunks: the `Stager` queues the clips of
+the next chunks on the decode pool (mmla.decode.DecodePool) while the current one is encoded, and `Arrivals` hands
+each prepared chunk to the engine as soon as it is ready, so that its rows join the running batch (mmla.engine).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from . import video as video_mod
@@ -155,3 +160,79 @@ class Prefetch:
             self.process.join()
         self.process, self.done = None, int(self.count.value)
         return self.done
+
+
+# ---------------------------------------------------------------- during the run: chunks, staged and arriving
+
+
+def chunks_of(cfg, n: int, video: bool, streaming: bool = False) -> list[list[int]]:
+    """Text: one chunk. Video: a first chunk of one batch, so the model starts while the next chunk's clips decode,
+    then chunks of four batches. Streaming (rows join a running batch as their chunk is ready): a first chunk of a
+    quarter batch, so the model starts after a few clips, then chunks of one batch."""
+    if streaming:
+        sizes = [max(1, cfg.batch_size // 4)] + [cfg.batch_size] * n
+    else:
+        sizes = [n] if not video else [cfg.batch_size] + [cfg.batch_size * 4] * n
+    chunks, start = [], 0
+    for size in sizes:
+        if start >= n:
+            break
+        chunks.append(list(range(start, min(start + size, n))))
+        start += size
+    return chunks
+
+
+class Arrivals:
+    """The prepared chunks, handed to the engine as each is ready (mmla.engine.Arrivals); chunk k+1 is prepared
+    once chunk k is taken, so at most one prepared chunk waits outside the engine."""
+
+    def __init__(self, submit, n: int, arrive):
+        self.submit, self.n, self.arrive = submit, n, arrive
+        self.k, self.waited = 0, 0.0  # waited: seconds the model stood idle for a chunk (not model time)
+        self.pending = submit(0) if n else None
+
+    def take(self, wait: bool):
+        if self.k >= self.n:
+            return None
+        if not wait and not self.pending.done():
+            return [], None
+        t0 = time.perf_counter()
+        p = self.pending.result()
+        self.waited += time.perf_counter() - t0
+        self.k += 1
+        if self.k < self.n:
+            self.pending = self.submit(self.k)
+        return self.arrive(p)
+
+
+class Stager:
+    """The clips of the chunks ahead: found, and their frames queued on the decode pool (first in, first decoded).
+    Only mmla.inference._run's prepare thread uses it."""
+
+    def __init__(self, cfg, todo, load, cache, streaming: bool = False):
+        from .decode import DecodePool
+
+        self.todo, self.load, self.cache = todo, load, cache
+        self.chunks = chunks_of(cfg, len(todo), True, streaming)
+        self.finder = video_mod.ClipFinder(cfg.data)
+        self.pool = DecodePool(cfg.decode_workers)
+        self.staged: dict[int, list] = {}  # chunk -> its (clip, frames future or None)
+        self.stage(0)
+        if self.pool.parallel:
+            self.stage(1)
+
+    def stage(self, c: int) -> None:
+        if c < len(self.chunks) and c not in self.staged:
+            clips = [self.finder.find(self.todo[i][0].dataset, self.todo[i][0].id) for i in self.chunks[c]]
+            self.staged[c] = [(clip, self.pool.submit(self.load, clip.path, self.cache)
+                               if clip.path is not None else None) for clip in clips]
+
+    def take(self, c: int) -> list:
+        """Chunk c's clips and frame futures; the pool goes on with chunk c+1 while c is encoded and c-1 runs."""
+        self.stage(c)
+        if self.pool.parallel:
+            self.stage(c + 1)
+        return self.staged.pop(c)
+
+    def close(self) -> None:
+        self.pool.close()
