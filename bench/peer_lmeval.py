@@ -65,17 +65,23 @@ def venv_versions(venv: Path) -> dict | None:
 
 
 def ensure_venv(venv: Path) -> dict:
-    versions = venv_versions(venv)
-    if versions and versions["lm_eval"] == "0.4.13":
+    return provision(venv, LMEVAL_PINS, venv_versions, ("lm_eval", "0.4.13"), "lm-eval")
+
+
+def provision(venv: Path, pins: list[str], versions_of, wanted: tuple[str, str], what: str) -> dict:
+    """A peer's own virtualenv at `venv` with `pins` installed (reused when `versions_of(venv)[name]` is the
+    wanted version); the versions found in it."""
+    versions = versions_of(venv)
+    if versions and versions[wanted[0]] == wanted[1]:
         return versions
-    print(f"creating lm-eval's virtualenv at {venv} (a few minutes: torch comes from local files)", file=sys.stderr)
+    print(f"creating {what}'s virtualenv at {venv} (a few minutes)", file=sys.stderr)
     if not (venv / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # torch in the same command: otherwise lm-eval's or accelerate's requirements could pull another torch build
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *LMEVAL_PINS], check=True, env=_clean_env())
-    versions = venv_versions(venv)
+    # torch in the same command: otherwise the peer's requirements could pull another torch build
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *pins], check=True, env=_clean_env())
+    versions = versions_of(venv)
     if not versions:
-        raise SystemExit(f"{venv}: lm-eval does not import after installing; remove the directory and retry")
+        raise SystemExit(f"{venv}: {what} does not import after installing; remove the directory and retry")
     return versions
 
 

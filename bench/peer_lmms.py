@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 from results import emit  # noqa: E402  (bench/results.py)
 from video import SHARED, make_root  # noqa: E402  (bench/video.py: the data root over the real clips)
-from peer_lmeval import _clean_env, timed_run  # noqa: E402  (the same process timing as the text peer)
+from peer_lmeval import _clean_env, _float, provision, timed_run  # noqa: E402  (as the text peer does)
 from mmla import inference, tiny  # noqa: E402
 from mmla import video as V  # noqa: E402
 from mmla.data import load_split  # noqa: E402
@@ -100,18 +100,7 @@ def venv_versions(venv: Path) -> dict | None:
 
 
 def ensure_venv(venv: Path) -> dict:
-    versions = venv_versions(venv)
-    if versions and versions["lmms_eval"] == LMMS_VERSION:
-        return versions
-    print(f"creating lmms-eval's virtualenv at {venv} (a few minutes)", file=sys.stderr)
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # torch in the same command: otherwise lmms-eval's requirements could pull another torch build
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *LMMS_PINS], check=True, env=_clean_env())
-    versions = venv_versions(venv)
-    if not versions:
-        raise SystemExit(f"{venv}: lmms-eval does not import after installing; remove the directory and retry")
-    return versions
+    return provision(venv, LMMS_PINS, venv_versions, ("lmms_eval", LMMS_VERSION), "lmms-eval")
 
 
 # ---------------------------------------------------------------- the shared work
@@ -286,13 +275,6 @@ def one_round(a, order, docs, venv, model_dir, root: Path, task_dir: Path, shim:
     res["outputs_compared"] = n
     res["outputs_missing"] = {s: sum(k not in outs[s] for k in keys) for s in outs}
     return res
-
-
-def _float(v):
-    try:
-        return round(float(v), 2)
-    except (TypeError, ValueError):
-        return None
 
 
 def main() -> None:
