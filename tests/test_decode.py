@@ -188,15 +188,16 @@ def tiny_vl(tmp_path_factory):
     return build_tiny_video_model("qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl"))
 
 
-def _root(r: Path, videos_dir: Path) -> Path:
-    """MELD test: 9 rows whose clips are copies of the 3 real clips, one missing clip, one corrupt clip."""
+def _root(r: Path, videos_dir: Path, clips: int = 9) -> Path:
+    """MELD test: `clips` rows whose clips are copies of the 3 real clips, then one row with no clip (2_{clips})
+    and one with a corrupt clip (2_{clips+1})."""
     v = r / "MELD" / "video"
     v.mkdir(parents=True)
-    rows = [(f"2_{i}", f"Line number {i}.", "neutral") for i in range(11)]
+    rows = [(f"2_{i}", f"Line number {i}.", "neutral") for i in range(clips + 2)]
     (r / "MELD" / "test.tsv").write_text("id\ttext\tlabel\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
-    for i in range(9):
+    for i in range(clips):
         shutil.copy(videos_dir / REAL[i % 3], v / f"MELD_2_{i}.mp4")
-    write_corrupt(v / "MELD_2_10.mp4")  # 2_9 has no clip
+    write_corrupt(v / f"MELD_2_{clips + 1}.mp4")
     return r
 
 

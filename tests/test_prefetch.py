@@ -3,7 +3,6 @@ the run resolves to, and a command with the child gives the same predictions as 
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from mmla.inputs import make_inputs
 from mmla.models import load_model
 from mmla.prefetch import guess_frames
 from mmla.tiny import build_tiny_video_model
-from test_video import REAL, write_corrupt
+from test_decode import _root
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -36,21 +35,9 @@ def test_the_guess_is_the_setting_the_run_resolves_to(arch, overrides, tmp_path)
     assert guess_frames(inference.PredictConfig(model=str(tmp_path), modality="video")) is None
 
 
-def _root(r: Path, videos_dir: Path) -> Path:
-    """MELD test: 7 rows whose clips are copies of the 3 real clips, one missing clip, one corrupt clip."""
-    v = r / "MELD" / "video"
-    v.mkdir(parents=True)
-    rows = [(f"2_{i}", f"Line number {i}.", "neutral") for i in range(9)]
-    (r / "MELD" / "test.tsv").write_text("id\ttext\tlabel\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
-    for i in range(7):
-        shutil.copy(videos_dir / REAL[i % 3], v / f"MELD_2_{i}.mp4")
-    write_corrupt(v / "MELD_2_8.mp4")  # 2_7 has no clip
-    return r
-
-
 def test_a_fresh_command_decodes_clips_while_it_loads(videos_dir, tmp_path):
     model_dir = build_tiny_video_model("qwen2-vl", tmp_path / "model")
-    root = _root(tmp_path / "data", videos_dir)
+    root = _root(tmp_path / "data", videos_dir, clips=7)  # 2_7 has no clip, 2_8 a corrupt one
 
     def run(out: Path, *extra: str, **env) -> tuple[list[dict], dict]:
         cmd = [sys.executable, "-m", "mmla.cli", "predict", "--modality", "video", "--model", str(model_dir),
