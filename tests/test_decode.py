@@ -78,7 +78,8 @@ def _cases():
     cases += [("1 frame", dict(setting=V.frame_setting("official-infer", num_frames=1))),
               ("every frame", dict(fixed=lambda t: np.arange(t))),
               ("the last frame", dict(fixed=lambda t: np.array([t - 1]))),
-              ("near the end", dict(fixed=lambda t: np.array([t - 5, t - 2, t - 1])))]
+              ("near the end", dict(fixed=lambda t: np.array([t - 5, t - 2, t - 1]))),
+              ("either side of an IDR frame", dict(fixed=lambda t: np.array([t * 5 // 6, t - 6, t - 1])))]
     return cases
 
 
@@ -110,6 +111,12 @@ def test_fast_pyav_reader_decodes_fewer_frames(videos_dir):
         total = pick.seen[0][0]
         # the scan decodes every frame up to the last sampled one, here the clip's last: all of them
         assert stats["reader"] == "fast" and 4 <= stats["decoded"] < total, (name, stats, total)
+    # REAL[0] has IDR frames at display 80 and 90: a sampled frame after one is decoded from it, not from the
+    # start (the frames equal the scan's: test_fast_pyav_reader_gives_the_scans_frames asks for these too)
+    for fixed, at_most in (([95], 6), ([91, 94, 95], 6), ([85, 95], 6 + 11)):
+        stats = {}
+        decode.read_frames(str(videos_dir / REAL[0]), _picker(fixed=lambda t: np.array(fixed)), "pyav", stats)
+        assert stats["reader"] == "fast" and stats["decoded"] <= at_most, (fixed, stats)
     # every frame asked: the fast reader decodes them all (skip_frame is switched back per packet)
     stats = {}
     decode.read_frames(str(videos_dir / REAL[2]), _picker(fixed=lambda t: np.arange(t)), "pyav", stats)

@@ -4,7 +4,8 @@ Decoders. TorchCodec (`pip install 'mmla[torchcodec]'`; it needs FFmpeg's shared
 frame. PyAV (always installed, FFmpeg bundled) reads with `read_frames_pyav`: one FFmpeg thread per clip, it maps
 each packet to its display index (the rank of its pts), decodes the sampled frames and the reference frames they
 need, lets FFmpeg skip the other non-reference frames (skip_frame NONREF: no frame is predicted from them, so the
-sampled pixels are bit-identical), and stops once it has every sampled frame; where one of its assumptions does not
+sampled pixels are bit-identical), jumps over the packets before an IDR frame when no sampled frame needs them
+(H.264/HEVC: nothing after an IDR frame is predicted from before it), and stops once it has every sampled frame; where one of its assumptions does not
 hold (a packet without pts, duplicate pts, a packet count other than the header's frame count, an unexpected frame,
 a missing frame, any error) it reads with the scan instead. The scan (`read_frames_scan`, decoder "scan") is the
 official construction, transformers' `load_video(backend="pyav")`: every frame from the start, keeping those whose
@@ -143,7 +144,6 @@ def _read_fast(path: str, pick: Callable, stats: dict) -> np.ndarray:
         # the scan's index of a frame is its position in display order: the rank of its pts
         rank = {t: i for i, t in enumerate(sorted(pts))}
         sampled = set(wanted)
-        last = max(k for k, p in enumerate(packets) if rank[p.pts] in sampled)  # decode order
 
         cc = stream.codec_context
         cc.thread_count = 1  # one FFmpeg thread per clip: the decode pool runs several clips at once
@@ -161,11 +161,18 @@ def _read_fast(path: str, pick: Callable, stats: dict) -> np.ndarray:
                 if r in sampled:
                     got[r] = f.to_ndarray(format="rgb24")  # transformers' conversion
 
-        for p in packets[: last + 1]:
-            # Non-reference frames are never used to predict another frame: skipping the ones not sampled leaves
-            # every sampled frame bit-identical (FFmpeg reads skip_frame per packet; tests count the frames).
-            cc.skip_frame = "DEFAULT" if rank[p.pts] in sampled else "NONREF"
-            take(cc.decode(p))
+        for n, (start, stop) in enumerate(_spans(packets, rank, sampled, _idr(stream, packets))):
+            if n:  # a jump to an IDR frame: the buffered frames out first, then a fresh decoder state
+                cc.skip_frame = "DEFAULT"
+                take(cc.decode(None))
+                cc.flush_buffers()
+            for p in packets[start: stop + 1]:
+                # Non-reference frames are never used to predict another frame: skipping the ones not sampled
+                # leaves every sampled frame bit-identical (FFmpeg reads skip_frame per packet; tests count them).
+                cc.skip_frame = "DEFAULT" if rank[p.pts] in sampled else "NONREF"
+                take(cc.decode(p))
+                if len(got) == len(wanted):
+                    break
             if len(got) == len(wanted):
                 break
         else:  # every sampled packet sent; the reorder buffer may still hold some of their frames
@@ -174,6 +181,55 @@ def _read_fast(path: str, pick: Callable, stats: dict) -> np.ndarray:
         if len(got) != len(wanted):
             raise _Fallback(f"{len(got)} of {len(wanted)} sampled frames decoded")
     return np.stack([got[i] for i in wanted])
+
+
+def _spans(packets, rank: dict, sampled: set, idr: list[bool] | None) -> list[tuple[int, int]]:
+    """The runs of packets (decode order, first and last inclusive) to send: from the start to the last sampled
+    packet, except that where an IDR frame lies before a sampled packet and after the packets sent so far, those
+    before it are skipped and decoding starts there. An IDR frame empties the decoder's references (H.264/HEVC: no later frame
+    is predicted from an earlier one), so the frames after it are bit-identical to those of a decode from the
+    start."""
+    need = [k for k, p in enumerate(packets) if rank[p.pts] in sampled]
+    if not idr:
+        return [(0, need[-1])]
+    spans: list[list[int]] = []
+    restart = 0  # the last IDR packet at or before k
+    marks = iter(k for k, flag in enumerate(idr) if flag)
+    upcoming = next(marks, None)
+    for k in need:
+        while upcoming is not None and upcoming <= k:
+            restart, upcoming = upcoming, next(marks, None)
+        if spans and restart <= spans[-1][1]:
+            spans[-1][1] = k
+        else:
+            spans.append([restart, k])
+    return [(a, b) for a, b in spans]
+
+
+def _idr(stream, packets) -> list[bool] | None:
+    """Per packet: it starts an IDR frame. None when the stream is not H.264 or HEVC with length-prefixed NAL units
+    (MP4, MKV, MOV), or anything is unclear: then nothing is skipped."""
+    name = stream.codec_context.name
+    extra = stream.codec_context.extradata or b""
+    if name == "h264" and len(extra) >= 7 and extra[0] == 1:
+        size, idr_types, kind = (extra[4] & 3) + 1, {5}, lambda b: b & 0x1F
+    elif name == "hevc" and len(extra) >= 23 and extra[0] == 1:
+        size, idr_types, kind = (extra[21] & 3) + 1, {19, 20}, lambda b: (b >> 1) & 0x3F
+    else:
+        return None
+    flags = []
+    for p in packets:
+        found = False
+        if p.is_keyframe:  # only a keyframe can be an IDR frame; its NAL units are read, no other packet's
+            data, j = bytes(p), 0
+            while j + size < len(data):
+                n = int.from_bytes(data[j: j + size], "big")
+                if kind(data[j + size]) in idr_types:
+                    found = True
+                    break
+                j += size + n
+        flags.append(found)
+    return flags
 
 
 class _Meta:
