@@ -5,14 +5,14 @@ frame. PyAV (always installed, FFmpeg bundled) reads with `read_frames_pyav`: on
 each packet to its display index (the rank of its pts), decodes the sampled frames and the reference frames they
 need, lets FFmpeg skip the other non-reference frames (skip_frame NONREF: no frame is predicted from them, so the
 sampled pixels are bit-identical), jumps over the packets before an IDR frame when no sampled frame needs them
-(H.264/HEVC: nothing after an IDR frame is predicted from before it), and stops once it has every sampled frame; where one of its assumptions does not
-hold (a packet without pts, duplicate pts, a packet count other than the header's frame count, an unexpected frame,
-a missing frame, any error) it reads with the scan instead. The scan (`read_frames_scan`, decoder "scan") is the
-official construction, transformers' `load_video(backend="pyav")`: every frame from the start, keeping those whose
-decode index is sampled; the benchmarks' baselines use it. All give the same frame indices and the same RGB pixels
-for the official samplers (tests/test_decode.py checks it on the real clips), so the frame cache does not key on the
-decoder. `decoder_name()` picks TorchCodec when it imports and its FFmpeg loads, else PyAV with one line on stderr
-saying why; $MMLA_VIDEO_DECODER=pyav|torchcodec forces one.
+(H.264/HEVC: nothing after an IDR frame is predicted from before it), and stops once it has every sampled frame;
+where one of its assumptions does not hold (a packet without pts, duplicate pts, a packet count other than the
+header's frame count, an unexpected frame, a missing frame, any error) it reads with the scan instead. The scan
+(`read_frames_scan`, decoder "scan") is the official construction, transformers' `load_video(backend="pyav")`: every
+frame from the start, keeping those whose decode index is sampled; the benchmarks' baselines use it. All give the
+same frame indices and the same RGB pixels for the official samplers (tests/test_decode.py checks it on the real
+clips), so the frame cache does not key on the decoder. `decoder_name()` picks TorchCodec when it imports and its
+FFmpeg loads, else PyAV with one line on stderr saying why; $MMLA_VIDEO_DECODER=pyav|torchcodec forces one.
 
 Workers. `DecodePool` runs frame loads on a few threads (decoding and resizing release the GIL), first in first out,
 so the clips of the next batches decode while the model runs the current ones. One worker means no thread: each
