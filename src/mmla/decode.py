@@ -184,11 +184,11 @@ def _read_fast(path: str, pick: Callable, stats: dict) -> np.ndarray:
 
 
 def _spans(packets, rank: dict, sampled: set, idr: list[bool] | None) -> list[tuple[int, int]]:
-    """The runs of packets (decode order, first and last inclusive) to send: from the start to the last sampled
-    packet, except that where an IDR frame lies before a sampled packet and after the packets sent so far, those
-    before it are skipped and decoding starts there. An IDR frame empties the decoder's references (H.264/HEVC: no later frame
-    is predicted from an earlier one), so the frames after it are bit-identical to those of a decode from the
-    start."""
+    """The runs of packets (decode order, first and last inclusive) to send: from the start to the last sampled packet,
+    except that where an IDR frame lies before a sampled packet and after the packets sent so far, those before
+    it are skipped and decoding starts there. An IDR frame empties the decoder's references (H.264/HEVC: no
+    later frame is predicted from an earlier one), so the frames after it are bit-identical to those of a decode
+    from the start."""
     need = [k for k, p in enumerate(packets) if rank[p.pts] in sampled]
     if not idr:
         return [(0, need[-1])]
