@@ -39,6 +39,11 @@ def _r(x: float) -> float:
     return round(100 * float(x), 2)
 
 
+def preload_metrics() -> None:
+    """Import what compute_metrics needs (scikit-learn: about a second), for a caller that has a core to spare now."""
+    import sklearn.metrics  # noqa: F401
+
+
 def compute_metrics(gold: list[str], pred: list[str], labels: tuple[str, ...] | None = None) -> dict:
     """ACC, macro F1/Precision/Recall, weighted F1/Precision (x100, 2 decimals) as scikit-learn computes
     them over gold and parsed labels with unknown/multi kept as classes; the unparsed rate; n; and

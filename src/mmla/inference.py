@@ -27,7 +27,7 @@ from . import data as data_mod
 from . import distributed
 from . import video as video_mod
 from .prefetch import Arrivals, Prefetch, Stager, chunks_of
-from .evaluation import evaluate_samples, parse_output
+from .evaluation import evaluate_samples, parse_output, preload_metrics
 from .prompts import PROTOCOLS, Decoding, candidates, render
 from .resolve import CLIP_MODALITIES, MODALITIES
 from .runs import PREDICTION_KEYS, JsonlAppender, claim, environment, open_run, read_jsonl, read_run_config, \
@@ -241,6 +241,10 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     startup_done()  # the imports are done (load_model does it too; a server backend loads no model)
     t_load = time.perf_counter()
     if todo:
+        if ahead.process is not None:
+            # the prefetch child decodes on another core while this one imports and loads; the metrics' imports
+            # (about a second) are made now rather than at the end, where they would leave that core idle
+            preload_metrics()
         backend = backends.create(cfg.backend, _options(cfg, res, out, ranks))
         decoding = decoding_for(cfg, backend, res.family, res.protocol)
         if res.protocol == "official" and res.family is not None and res.family.warmup_turn and cfg.mode == "generate":
@@ -275,7 +279,8 @@ def _predict(cfg: PredictConfig, examples, skipped, progress: bool, frame_cache,
     if todo:
         sink = (JsonlAppender(pred_path, done, torn or bool(retry) or n_written != len(done) + len(retry))
                 if ranks.world == 1 else JsonlAppender(distributed.part_path(out, ranks.rank)))
-        ahead.stop()  # from here the decode pool reads the clips (and finds what the child decoded)
+        # from here the decode pool reads the clips (and finds what the child decoded)
+        ahead.hand_over(cache, backend.setting if video else None)
         try:
             stats = _run(run_cfg, backend, decoding, cache, todo, sink, progress, histories, res.family)
         finally:

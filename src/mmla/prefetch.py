@@ -4,7 +4,8 @@ At start-up (`Prefetch`). A fresh `mmla predict` on video spends its first secon
 and loading the model, on one core, holding the GIL. Those seconds are free for decoding on another core, but not
 in a thread of the same process (a decode thread waits for the GIL between frames). So, before torch is imported,
 the parent forks one child that decodes the run's clips, in row order, into the frame cache, and goes on until the
-parent's own decode pool starts (`Prefetch.stop`). The parent then finds those clips as cache hits.
+parent's own decode pool first meets a clip that is not there (`Prefetch.hand_over`). The parent finds the child's
+clips as cache hits.
 
 The child knows the frame setting before the model is loaded only by guessing it from the model directory's JSON
 files (the resolver needs transformers' config classes, which is what is being waited for). A wrong guess costs
@@ -26,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,11 +127,13 @@ def _work(cfg, setting: video_mod.FrameSetting, count, halt) -> None:
 
 class Prefetch:
     """The child process (or nothing). `stop()` asks it to end after the clip in hand (no cache entry is left half
-    written); `close()` waits for it and says how many clips it decoded or found cached."""
+    written); `hand_over(cache, setting)` lets it go on until the decode pool meets the first clip it has not decoded;
+    `close()` waits for it and says how many clips it decoded or found cached."""
 
-    def __init__(self, process=None, count=None, halt=None):
-        self.process, self.count, self.halt = process, count, halt
+    def __init__(self, process=None, count=None, halt=None, setting: video_mod.FrameSetting | None = None):
+        self.process, self.count, self.halt, self.setting = process, count, halt, setting
         self.done: int | None = None
+        self._yielded = threading.Lock()
 
     @classmethod
     def start(cls, cfg) -> Prefetch:
@@ -144,11 +148,33 @@ class Prefetch:
         count, halt = ctx.Value("i", 0), ctx.Event()
         process = ctx.Process(target=_work, args=(cfg, setting, count, halt), name="mmla-prefetch", daemon=True)
         process.start()
-        return cls(process, count, halt)
+        return cls(process, count, halt, setting)
 
     def stop(self) -> None:
         if self.halt is not None:
             self.halt.set()
+
+    def hand_over(self, cache: video_mod.FrameCache, setting: video_mod.FrameSetting | None) -> None:
+        """The run starts. While the decode pool finds the child's clips in the cache, the child goes on decoding
+        (the model alone would leave a core idle); at the pool's first miss, usually the clip the child has in hand,
+        the child stops and that clip is awaited (at most `WAIT` seconds) rather than decoded twice. A wrong guess
+        of the frame setting stops the child at once (nothing it decodes would be found)."""
+        if self.process is None:
+            return
+        if setting is None or self.setting is None or setting.decode_key() != self.setting.decode_key():
+            self.stop()
+            return
+
+        def first_miss() -> None:
+            with self._yielded:  # decode workers miss at once: one waits, the others find it done
+                cache.before_miss = None
+                self.stop()
+                if self.process is not None:
+                    self.process.join(timeout=self.WAIT)
+
+        cache.before_miss = first_miss
+
+    WAIT = 2.0  # seconds a decode worker waits for the child's clip in hand (a long clip is decoded again instead)
 
     def close(self) -> int | None:
         if self.process is None:

@@ -272,6 +272,7 @@ class NpzCache:
         self.enabled = enabled
         self.hits = self.misses = 0
         self._count = threading.Lock()  # decode workers count hits and misses at once
+        self.before_miss = None  # called (from any decode worker) before an entry that is not there is decoded
 
     def counted(self, hit: bool) -> None:
         with self._count:
@@ -303,6 +304,9 @@ class NpzCache:
         """The entry for (clip, setting) if there is one, else `decode(clip, setting)`, stored for the next time
         (a full or read-only cache never stops a run)."""
         hit = self.get(clip, setting)
+        if hit is None and self.before_miss is not None:
+            self.before_miss()  # another process may be writing this very entry (mmla.prefetch): let it finish
+            hit = self.get(clip, setting)
         if hit is not None:
             self.counted(True)
             return hit
