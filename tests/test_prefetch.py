@@ -1,5 +1,6 @@
 """Clips decoded while a fresh `mmla predict` imports and loads (mmla.prefetch): the guessed frame setting is the one
-the run resolves to, and a command with the child gives the same predictions as one without it."""
+the run resolves to, a command with the child gives the same predictions as one without it, and the child goes on
+until the decode pool first misses a clip."""
 
 import json
 import os
@@ -59,3 +60,33 @@ def test_a_fresh_command_decodes_clips_while_it_loads(videos_dir, tmp_path):
     by_id = {r["id"]: r for r in ahead}
     assert len(ahead) == 9 and by_id == {r["id"]: r for r in plain}  # the same records, clip errors included
     assert by_id["2_7"]["clip_error"].startswith("missing") and by_id["2_8"]["clip_error"].startswith("unreadable")
+
+
+def test_the_child_goes_on_until_the_pools_first_miss(videos_dir, tmp_path):
+    import multiprocessing
+
+    from mmla.prefetch import Prefetch
+    from test_video import REAL
+
+    ctx = multiprocessing.get_context("fork")  # the stand-in child only waits to be told to stop
+
+    def child() -> Prefetch:
+        halt = ctx.Event()
+        process = ctx.Process(target=halt.wait, daemon=True)
+        process.start()
+        return Prefetch(process, ctx.Value("i", 0), halt, V.frame_setting("official-infer"))
+
+    cache = V.FrameCache(tmp_path / "cache")
+    # another frame setting than the child's guess: the child stops at once, and the pool decodes as before
+    wrong = child()
+    wrong.hand_over(cache, V.frame_setting("official-infer", num_frames=6))
+    assert wrong.halt.is_set() and cache.before_miss is None
+    wrong.close()
+    # the guessed setting: the child goes on while the pool finds hits; the first miss stops it and waits for it
+    right = child()
+    right.hand_over(cache, V.frame_setting("official-infer"))
+    assert not right.halt.is_set() and cache.before_miss is not None
+    frames = V.load_frames(videos_dir / REAL[1], V.frame_setting("official-infer"), cache)
+    assert right.halt.is_set() and not right.process.is_alive() and cache.before_miss is None
+    assert cache.misses == 1 and frames.array.shape[0] == 4
+    assert right.close() == 0
