@@ -130,6 +130,8 @@ class Prefetch:
     written); `hand_over(cache, setting)` lets it go on until the decode pool meets the first clip it has not decoded;
     `close()` waits for it and says how many clips it decoded or found cached."""
 
+    WAIT = 2.0  # seconds a decode worker waits for the child's clip in hand (a long clip is decoded again instead)
+
     def __init__(self, process=None, count=None, halt=None, setting: video_mod.FrameSetting | None = None):
         self.process, self.count, self.halt, self.setting = process, count, halt, setting
         self.done: int | None = None
@@ -173,8 +175,6 @@ class Prefetch:
                     self.process.join(timeout=self.WAIT)
 
         cache.before_miss = first_miss
-
-    WAIT = 2.0  # seconds a decode worker waits for the child's clip in hand (a long clip is decoded again instead)
 
     def close(self) -> int | None:
         if self.process is None:
