@@ -5,6 +5,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 DATA    ?= $(if $(MMLA_DATA),$(MMLA_DATA),../shared/data/mmla)
 STAMP   := $(VENV)/.mmla-installed
+# test processes (pytest-xdist): most tests wait on the subprocesses they start, so two share two cores well;
+# the launcher tests (torchrun, accelerate: one rendezvous port) stay on one worker (xdist_group "launchers")
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench clean
 
@@ -23,7 +26,7 @@ demo: $(STAMP)
 	MMLA_DATA=$(DATA) $(BIN)/python -m mmla.cli demo
 
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE MMLA_DATA=$(DATA) $(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE MMLA_DATA=$(DATA) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python bench/zeroshot.py --data $(DATA)

@@ -249,6 +249,7 @@ def test_omni_model_on_video_or_text_alone(omni, root, tmp_path, modality):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.xdist_group("launchers")  # the default rendezvous port: never two launchers at once
 def test_data_parallel_av_predict_equals_one_process(omni, root, tmp_path):
     """Two torchrun processes (gloo, CPU) share the rows; the merged predictions equal one process's."""
     import os

@@ -20,6 +20,8 @@ from mmla.inference import PredictConfig, predict
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = "MELD,MOSI,MUStARD"
 LIMIT = 4  # rows per dataset: 12 in all
+# torchrun and accelerate take the default rendezvous port: one xdist worker runs every launcher test
+pytestmark = pytest.mark.xdist_group("launchers")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]

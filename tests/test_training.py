@@ -286,6 +286,7 @@ LAUNCHERS = {
 }
 
 
+@pytest.mark.xdist_group("launchers")  # the default rendezvous port: never two launchers at once
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_processes_data_parallel(launcher, tiny_llama, data_root, tmp_path):
     out = tmp_path / "ddp"
