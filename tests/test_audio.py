@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from launchers import ONE_AT_A_TIME, TORCHRUN
 from mmla import audio as A
 from mmla import video as V
 from mmla.inference import PredictConfig, predict
@@ -249,7 +250,7 @@ def test_omni_model_on_video_or_text_alone(omni, root, tmp_path, modality):
     assert outs[0] == outs[1]
 
 
-@pytest.mark.xdist_group("launchers")  # the default rendezvous port: never two launchers at once
+@ONE_AT_A_TIME
 def test_data_parallel_av_predict_equals_one_process(omni, root, tmp_path):
     """Two torchrun processes (gloo, CPU) share the rows; the merged predictions equal one process's."""
     import os
@@ -261,8 +262,8 @@ def test_data_parallel_av_predict_equals_one_process(omni, root, tmp_path):
             "--no-progress"]
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True,
                          text=True, timeout=600)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "--out",
-                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
     rows = {d: {(r["dataset"], r["id"]): (r["output"], r.get("audio_track"), r.get("clip_error"))
                 for r in _lines(tmp_path / d / "predictions.jsonl")} for d in ("one", "two")}

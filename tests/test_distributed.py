@@ -14,17 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from launchers import LAUNCHERS, ONE_AT_A_TIME, TORCHRUN
 from mmla import distributed
 from mmla.inference import PredictConfig, predict
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = "MELD,MOSI,MUStARD"
 LIMIT = 4  # rows per dataset: 12 in all
-# torchrun and accelerate take the default rendezvous port: one xdist worker runs every launcher test
-pytestmark = pytest.mark.xdist_group("launchers")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
+pytestmark = ONE_AT_A_TIME  # every test here starts torchrun or accelerate
 
 
 def _env():
@@ -89,7 +86,7 @@ def test_merge_folds_parts_once_keeps_good_answers_and_checks(tmp_path):
 @pytest.mark.parametrize("launcher, mode", [("torchrun", "generate"), ("accelerate", "score")])
 def test_two_processes_equal_one_row_for_row(launcher, mode, reference, data_root, tmp_path):
     out = tmp_path / "dp"
-    cmd = [*(TORCHRUN if launcher == "torchrun" else ACCELERATE), *_args(data_root, out, mode)]
+    cmd = [*LAUNCHERS[launcher], *_args(data_root, out, mode)]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows, metrics = reference[mode]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from launchers import LAUNCHERS, ONE_AT_A_TIME
 from mmla import finetune, runs, training
 from mmla.config import parse_overrides, read_yaml
 from mmla.runs import read_run_config
@@ -278,15 +279,7 @@ def test_cli_error_is_one_line(tiny_llama, data_root, tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown config key 'lr'" in r.stderr
 
 
-LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
-    # the DDP config file runs on CPUs too (gloo); accelerate's MULTI_CPU type would start one process only
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2"],
-}
-
-
-@pytest.mark.xdist_group("launchers")  # the default rendezvous port: never two launchers at once
+@ONE_AT_A_TIME
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_processes_data_parallel(launcher, tiny_llama, data_root, tmp_path):
     out = tmp_path / "ddp"
